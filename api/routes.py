@@ -1,0 +1,282 @@
+"""The v1 HTTP routes: thin, each one reads, calls the store, and shapes the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel
+
+from api import views
+from api.deps import ResourcesDep, TenantDep
+from api.resources import Resources
+from core import heartbeats, keys
+from core.errors import (
+    Conflict,
+    IllegalTransition,
+    NotFound,
+    StorageError,
+    Unavailable,
+    ValidationFailed,
+)
+from core.jobs import MAX_SEED, Job, JobRequest, JobStatus, Metrics, new_job_id
+from core.storage import CONTENT_TYPES, FileStore
+from core.store import JobRecord
+
+router = APIRouter()
+
+
+class JobPage(BaseModel):
+    """One page of a tenant's jobs, newest first."""
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class QueueStatus(BaseModel):
+    """The queue as a whole."""
+
+    queued: int
+    running: int
+    workers: int
+    images_per_s: float | None
+    eta_s: float | None
+
+
+async def throughput(res: Resources) -> float | None:
+    """Images/s of all live workers, cached for a second to keep reads cheap."""
+    at, value = res.cache.get("throughput", (0.0, None))
+    if time.monotonic() - at > 1.0:
+        beats = await heartbeats.live_async(res.redis, res.settings.heartbeat_s * 3)
+        rates = [b.images_per_s for b in beats if b.images_per_s]
+        value = sum(rates) if rates else None
+        res.cache["throughput"] = (time.monotonic(), value)
+    return value  # type: ignore[return-value]
+
+
+async def render(res: Resources, record: JobRecord, rank: int | None, base_url: str) -> Job:
+    """A record as the client sees it, with queue position and fresh URLs."""
+    queue = None
+    if record.status is JobStatus.QUEUED:
+        ahead = (rank or 0) + record.request.num_images
+        queue = views.queue_info(rank, ahead, await throughput(res))
+    outputs = views.outputs_with_urls(record.outputs, res.storage, res.settings.url_ttl_s, base_url)
+    return views.public_job(record, queue=queue, outputs=outputs)
+
+
+def fingerprint(request: JobRequest) -> str:
+    """What makes two submissions 'the same' for Idempotency-Key."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def owned(res: Resources, tenant: str, job_id: str) -> tuple[JobRecord, int | None]:
+    """A tenant's job and its queue rank; another tenant's job is not found."""
+    record, rank = await res.jobs.get(job_id)
+    if record is None or record.tenant != tenant:
+        raise NotFound(f"no job {job_id}")
+    return record, rank
+
+
+@router.post("/v1/jobs", status_code=202, response_model=Job, tags=["jobs"])
+async def submit(
+    request: JobRequest,
+    http: Request,
+    response: Response,
+    res: ResourcesDep,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Job:
+    """Submit a job; answers 202 with the queued job at once."""
+    seeded = request if request.seed is not None else request.seeded(secrets.randbelow(MAX_SEED))
+    record = JobRecord(
+        id=new_job_id(),
+        tenant=tenant,
+        status=JobStatus.QUEUED,
+        attempt=0,
+        created_at=time.time(),
+        request=seeded,
+        metrics=Metrics(),
+    )
+    idem = None
+    if idempotency_key:
+        idem = (keys.idempotency(tenant, idempotency_key), f"{record.id} {fingerprint(request)}")
+    outcome, value = await res.jobs.submit(record, idem)
+    if outcome == "full":
+        raise Unavailable("the queue is full; retry later", retry_after_s=10, code="queue_full")
+    if outcome == "duplicate":
+        record = await _replay(res, tenant, value, fingerprint(request))
+    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    return await render(res, record, 0 if outcome == "created" else None, str(http.base_url))
+
+
+async def _replay(res: Resources, tenant: str, stored: str, fp: str) -> JobRecord:
+    """The job an earlier submission with the same Idempotency-Key created."""
+    job_id, _, stored_fp = stored.partition(" ")
+    if stored_fp != fp:
+        raise ValidationFailed(
+            "this Idempotency-Key was used with a different body; use a new key",
+            field="Idempotency-Key",
+            code="idempotency_mismatch",
+        )
+    record, _ = await owned(res, tenant, job_id)
+    return record
+
+
+@router.get("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"])
+async def get_job(job_id: str, http: Request, res: ResourcesDep, tenant: TenantDep) -> Job:
+    """One job, with output URLs minted fresh."""
+    record, rank = await owned(res, tenant, job_id)
+    return await render(res, record, rank, str(http.base_url))
+
+
+@router.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
+async def list_jobs(
+    http: Request,
+    res: ResourcesDep,
+    tenant: TenantDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+) -> JobPage:
+    """The caller's jobs, newest first, filtered by status, cursor-paginated."""
+    before, skip = _decode_cursor(cursor)
+    found: list[JobRecord] = []
+    last: tuple[str, float] | None = None
+    while len(found) < limit:
+        rows = await res.jobs.page(tenant, before, limit + len(skip) + 1)
+        rows = [r for r in rows if r[0] not in skip]
+        if not rows:
+            break
+        records = await res.jobs.get_many([job_id for job_id, _ in rows])
+        await res.jobs.forget(tenant, [j for (j, _), r in zip(rows, records, strict=True) if not r])
+        for row, record in zip(rows, records, strict=True):
+            last = row
+            if record and (status is None or record.status is status):
+                found.append(record)
+            if len(found) == limit:
+                break
+        before, skip = _advance(before, skip, last)
+    more = len(found) == limit and last is not None
+    base = str(http.base_url)
+    jobs = [await render(res, r, None, base) for r in found]
+    return JobPage(jobs=jobs, next_cursor=_encode_cursor(before, skip) if more else None)
+
+
+def _advance(
+    before: float, skip: set[str], last: tuple[str, float] | None
+) -> tuple[float, set[str]]:
+    """Move the page window past `last`, remembering ids that share its score."""
+    if last is None:
+        return before, skip
+    job_id, score = last
+    return score, (skip | {job_id}) if score == before else {job_id}
+
+
+def _encode_cursor(before: float, skip: set[str]) -> str:
+    raw = json.dumps({"b": before, "s": sorted(skip)})
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> tuple[float, set[str]]:
+    if not cursor:
+        return float("inf"), set()
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(data["b"]), {str(s) for s in data["s"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValidationFailed("cursor is not one this API returned", field="cursor") from e
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=["jobs"])
+async def cancel(job_id: str, http: Request, res: ResourcesDep, tenant: TenantDep) -> Job:
+    """Cancel: a queued job never runs; a running one is dropped from its batch."""
+    record, _ = await owned(res, tenant, job_id)
+    if record.status.terminal:
+        raise Conflict(f"job {job_id} already {record.status.value}", code="already_finished")
+    try:
+        await res.jobs.transition(job_id, JobStatus.CANCELED, finished_at=time.time())
+    except IllegalTransition as e:
+        raise Conflict(f"job {job_id} already {e.current}", code="already_finished") from e
+    record, rank = await owned(res, tenant, job_id)
+    return await render(res, record, rank, str(http.base_url))
+
+
+@router.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+async def events(
+    job_id: str, http: Request, res: ResourcesDep, tenant: TenantDep
+) -> StreamingResponse:
+    """Server-Sent Events: the job each time its status or progress changes, until it ends."""
+    await owned(res, tenant, job_id)
+    return StreamingResponse(
+        _stream(res, tenant, job_id, str(http.base_url)), media_type="text/event-stream"
+    )
+
+
+async def _stream(res: Resources, tenant: str, job_id: str, base: str) -> AsyncIterator[str]:
+    last = ""
+    while True:
+        record, rank = await owned(res, tenant, job_id)
+        job = await render(res, record, rank, base)
+        state = job.model_dump_json(include={"status", "progress", "queue"})
+        if state != last:
+            last = state
+            yield f"event: {job.status.value}\ndata: {job.model_dump_json()}\n\n"
+        if record.status.terminal:
+            return
+        await asyncio.sleep(0.25)
+
+
+@router.get("/v1/queue", response_model=QueueStatus, tags=["queue"])
+async def queue(res: ResourcesDep, _: TenantDep) -> QueueStatus:
+    """Depth, running jobs, live workers, measured throughput and the wait for a new job."""
+    queued, running = await res.jobs.counts()
+    beats = await heartbeats.live_async(res.redis, res.settings.heartbeat_s * 3)
+    rates = [b.images_per_s for b in beats if b.images_per_s]
+    rate = sum(rates) if rates else None
+    eta = round((queued + 1) / rate, 2) if rate else None
+    return QueueStatus(
+        queued=queued, running=running, workers=len(beats), images_per_s=rate, eta_s=eta
+    )
+
+
+@router.get("/v1/files/{key:path}", include_in_schema=False)
+async def file(key: str, expires: int, sig: str, res: ResourcesDep) -> FileResponse:
+    """A locally stored image, behind a signed, expiring URL."""
+    store = res.storage
+    if not isinstance(store, FileStore) or not store.verify(key, expires, sig):
+        raise NotFound("no such file, or its link expired")
+    path = store.path(key)
+    if not path.is_file():
+        raise NotFound("no such file")
+    return FileResponse(
+        path, media_type=CONTENT_TYPES.get(path.suffix.lstrip("."), "application/octet-stream")
+    )
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(res: ResourcesDep) -> dict[str, str]:
+    """Readiness: Redis and storage reachable."""
+    try:
+        await res.redis.ping()
+    except Exception as e:
+        raise Unavailable(f"Redis is not reachable: {e}") from e
+    try:
+        await asyncio.to_thread(res.storage.check)
+    except StorageError as e:
+        raise Unavailable(e.message) from e
+    return {"status": "ready"}

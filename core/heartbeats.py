@@ -1,0 +1,75 @@
+"""What each worker says about itself every few seconds, for the gateway's ETA and the scaler.
+
+The clients passed in here decode responses to str.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+
+from pydantic import BaseModel
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from core import keys
+
+
+class WorkerState(StrEnum):
+    """What a worker is doing."""
+
+    STARTING = "starting"  # loading the model; takes no work yet
+    IDLE = "idle"  # model loaded, nothing buffered or running
+    BUSY = "busy"  # running a batch or holding jobs
+    DRAINING = "draining"  # finishing its batch before it exits
+
+
+class WorkerBeat(BaseModel):
+    """One worker's heartbeat."""
+
+    name: str
+    state: WorkerState
+    images_per_s: float | None = None
+    buffered: int = 0
+    running: int = 0
+    pid: int | None = None
+    started_at: float
+    idle_since: float | None = None
+    at: float
+
+
+def publish(redis: Redis, beat: WorkerBeat, ttl_s: float) -> None:
+    """Write a heartbeat that vanishes if the worker stops beating."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.set(keys.worker(beat.name), beat.model_dump_json(), px=int(ttl_s * 1000))
+    pipe.zadd(keys.WORKERS, {beat.name: beat.at})
+    pipe.execute()
+
+
+def retire(redis: Redis, name: str) -> None:
+    """Remove a worker that exits cleanly."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.delete(keys.worker(name))
+    pipe.zrem(keys.WORKERS, name)
+    pipe.execute()
+
+
+def _parse(raw: list[str | bytes | None]) -> list[WorkerBeat]:
+    return [WorkerBeat.model_validate_json(r) for r in raw if r]
+
+
+def live(redis: Redis, ttl_s: float) -> list[WorkerBeat]:
+    """Heartbeats of workers seen within `ttl_s`."""
+    names = redis.zrangebyscore(keys.WORKERS, time.time() - ttl_s, "+inf")
+    if not names:
+        return []
+    return _parse(redis.mget([keys.worker(str(n)) for n in names]))
+
+
+async def live_async(redis: AsyncRedis, ttl_s: float) -> list[WorkerBeat]:
+    """Heartbeats of workers seen within `ttl_s` (for the gateway)."""
+    names = await redis.zrangebyscore(keys.WORKERS, time.time() - ttl_s, "+inf")
+    if not names:
+        return []
+    raw = await redis.mget([keys.worker(str(n)) for n in names])
+    return _parse(raw)

@@ -1,0 +1,188 @@
+"""The job model: its status machine, the request a client submits, and the job a client reads."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**32 - 1
+MAX_METADATA_BYTES = 4096
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life; terminal states never change."""
+
+    QUEUED = "queued"  # accepted, waiting for a worker (again, after a reaped attempt)
+    RUNNING = "running"  # claimed by a worker attempt that holds a lease
+    SUCCEEDED = "succeeded"  # every image stored
+    FAILED = "failed"  # gave up; `error` says why
+    CANCELED = "canceled"  # the client asked; nothing of it is uploaded
+
+    @property
+    def terminal(self) -> bool:
+        """True for states a job never leaves."""
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+# The one table of legal moves. RUNNING -> RUNNING is a progress report or lease renewal by the
+# attempt that holds the job; RUNNING -> QUEUED is the reaper handing back a dead attempt's job.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset(
+        {
+            JobStatus.RUNNING,
+            JobStatus.QUEUED,
+            JobStatus.SUCCEEDED,
+            JobStatus.FAILED,
+            JobStatus.CANCELED,
+        }
+    ),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELED: frozenset(),
+}
+
+
+def sources_of(target: JobStatus) -> frozenset[JobStatus]:
+    """Every status from which `target` may be entered."""
+    return frozenset(s for s, targets in TRANSITIONS.items() if target in targets)
+
+
+def new_job_id() -> str:
+    """A job id with 128 random bits, URL-safe and never sequential."""
+    return "job_" + secrets.token_hex(16)
+
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class JobRequest(BaseModel):
+    """What a client asks for; unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str | None = Field(None, max_length=2000)
+    width: int = Field(512, ge=64, le=2048, multiple_of=8)
+    height: int = Field(512, ge=64, le=2048, multiple_of=8)
+    steps: int = Field(25, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_images: int = Field(1, ge=1, le=4)
+    output_format: OutputFormat = "png"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain some text")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata must serialize to at most {MAX_METADATA_BYTES} bytes")
+        return value
+
+    def seeded(self, seed: int) -> JobRequest:
+        """This request with its seed fixed, as stored and returned."""
+        return self.model_copy(update={"seed": seed})
+
+
+class Progress(BaseModel):
+    """Denoising steps done in the running attempt."""
+
+    step: int = 0
+    total_steps: int
+
+
+class QueueInfo(BaseModel):
+    """Where a queued job stands."""
+
+    position: int
+    eta_s: float | None
+
+
+class StoredImage(BaseModel):
+    """One image as the ledger records it: where it lives and how it was made."""
+
+    key: str
+    seed: int
+    width: int
+    height: int
+
+
+class Output(BaseModel):
+    """One image as a client reads it; `url` is minted fresh on each read."""
+
+    url: str
+    seed: int
+    width: int
+    height: int
+
+
+class ErrorInfo(BaseModel):
+    """Why a job failed, in words a client can act on."""
+
+    code: str
+    message: str
+
+
+class Metrics(BaseModel):
+    """How the job went."""
+
+    queue_s: float | None = None
+    run_s: float | None = None
+    batch_size: int | None = None
+    attempts: int = 0
+
+
+class Job(BaseModel):
+    """A job as the API returns it; fields may grow, never change meaning."""
+
+    id: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    request: JobRequest
+    progress: Progress | None = None
+    queue: QueueInfo | None = None
+    outputs: list[Output] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """What must be equal for jobs to share one pipeline call."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+    @classmethod
+    def of(cls, request: JobRequest) -> Bucket:
+        """The bucket a request belongs to."""
+        return cls(request.width, request.height, request.steps, request.guidance_scale)
+
+    @property
+    def pixels(self) -> int:
+        """Pixels of one image in this bucket."""
+        return self.width * self.height
+
+
+def to_datetime(epoch: float | None) -> datetime | None:
+    """An epoch timestamp as an aware UTC datetime."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)

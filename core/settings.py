@@ -1,0 +1,116 @@
+"""Typed settings read once per process from `DQ_`-prefixed environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigError
+
+DAY_S = 86_400
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is the env var `DQ_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="DQ_", extra="ignore", frozen=True)
+
+    # Where things live.
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset under `dq up`")
+    data_dir: Path = Field(Path("data"), description="local state for `dq up` (Redis, images)")
+    storage_url: str | None = Field(None, description="s3://bucket/prefix or file:///dir")
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    url_ttl_s: int = Field(3600, ge=10, le=7 * DAY_S)
+    secret_key: SecretStr | None = Field(None, description="signs local file URLs")
+
+    # The model.
+    model: str = "tiny"
+    model_cache: Path = Path.home() / ".cache" / "diffusion-queue" / "models"
+    device: str | None = None
+    dtype: str | None = None
+    cpu_threads: int | None = Field(None, ge=1, le=256)
+    max_side: int = Field(2048, ge=64, le=4096)
+
+    # Batching (the seed's knob names).
+    max_batch_size: int = Field(4, ge=1, le=64)
+    batch_timeout_s: float = Field(0.5, ge=0.0, le=60.0)
+    max_batch_pixels: int = Field(8 * 512 * 512, ge=64 * 64)
+    early_flush: bool = True
+    progress_interval_s: float = Field(0.25, ge=0.0)
+
+    # Jobs and the queue.
+    queue_name: str = "dq.jobs"
+    job_ttl_s: int = Field(7 * DAY_S, ge=60)
+    max_queue: int = Field(10_000, ge=1)
+    max_attempts: int = Field(3, ge=1, le=100)
+    lease_s: float = Field(30.0, gt=0)
+    heartbeat_s: float = Field(5.0, gt=0)
+    visibility_timeout_s: int = Field(600, ge=10)
+    idempotency_ttl_s: int = Field(DAY_S, ge=60)
+
+    # The gateway.
+    api_keys: SecretStr = Field(SecretStr(""), description="tenant:key,tenant:key")
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    public_url: str | None = Field(None, description="base URL clients reach the gateway at")
+
+    log_level: str = "INFO"
+
+    @field_validator("storage_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme == "s3" and parts.netloc:
+            return value
+        if parts.scheme == "file" and parts.path:
+            return value
+        raise ValueError(
+            f"unsupported storage URL {value!r}: use s3://bucket/prefix or file:///absolute/dir"
+        )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Self:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError("DQ_HEARTBEAT_S must be shorter than DQ_LEASE_S")
+        return self
+
+    @property
+    def storage(self) -> str:
+        """The storage URL, defaulting to a folder under the data dir."""
+        return self.storage_url or (self.data_dir.resolve() / "images").as_uri()
+
+    def tenants(self) -> dict[str, str]:
+        """Map each configured API key to its tenant."""
+        keys: dict[str, str] = {}
+        for item in self.api_keys.get_secret_value().split(","):
+            if not item.strip():
+                continue
+            tenant, sep, key = item.strip().partition(":")
+            if not sep or not tenant or not key:
+                raise ConfigError("DQ_API_KEYS must look like tenant:key,tenant2:key2")
+            keys[key] = tenant
+        return keys
+
+    def require_redis(self) -> str:
+        """The Redis URL, or a clear error naming the variable to set."""
+        if not self.redis_url:
+            raise ConfigError("DQ_REDIS_URL is not set: point it at Redis (redis://host:6379/0)")
+        return self.redis_url
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once, turning validation errors into one readable ConfigError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        lines = [
+            f"DQ_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}"
+            for err in e.errors()
+        ]
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from e

@@ -1,0 +1,143 @@
+"""Object storage for images: S3 (or any S3-compatible store) and a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote, unquote, urlsplit
+
+from core.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+FILES_ROUTE = "/v1/files/"
+
+
+class ObjectStore(Protocol):
+    """Where images go, and how a client gets them back."""
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write an object at `key`, overwriting any earlier copy."""
+
+    def url(self, key: str, ttl_s: int) -> str:
+        """A URL that reads `key` for `ttl_s` seconds (absolute, or relative to the gateway)."""
+
+    def check(self) -> None:
+        """Raise StorageError unless the store is reachable."""
+
+
+def image_key(prefix: str, job_id: str, index: int, ext: str) -> str:
+    """The deterministic key of a job's `index`-th image: a re-run overwrites, never doubles."""
+    return "/".join(p for p in (prefix.strip("/"), job_id, f"{index}.{ext}") if p)
+
+
+class S3Store:
+    """Images in an S3 bucket, read through presigned URLs."""
+
+    def __init__(self, bucket: str, prefix: str, client: Any) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.client = client
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Upload one object."""
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+
+    def url(self, key: str, ttl_s: int) -> str:
+        """A presigned GET URL."""
+        return str(
+            self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_s
+            )
+        )
+
+    def check(self) -> None:
+        """HEAD the bucket."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as e:
+            raise StorageError(f"bucket {self.bucket} is not reachable: {e}") from e
+
+
+class FileStore:
+    """Images in a local folder, served by the gateway behind signed, expiring URLs."""
+
+    def __init__(self, root: Path, secret: bytes) -> None:
+        self.root = root
+        self.prefix = ""
+        self.secret = secret
+
+    def path(self, key: str) -> Path:
+        """The file behind `key`; refuses keys that climb out of the root."""
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise StorageError(f"key {key!r} leaves the storage folder")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write atomically: a reader never sees half an image."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    def url(self, key: str, ttl_s: int) -> str:
+        """A gateway path with an expiry and an HMAC over both."""
+        expires = int(time.time()) + ttl_s
+        return f"{FILES_ROUTE}{quote(key)}?expires={expires}&sig={self.signature(key, expires)}"
+
+    def signature(self, key: str, expires: int) -> str:
+        """HMAC-SHA256 of key and expiry."""
+        return hmac.new(self.secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, key: str, expires: int, sig: str) -> bool:
+        """True when the signature matches and has not expired."""
+        good = hmac.compare_digest(self.signature(unquote(key), expires), sig)
+        return good and expires >= time.time()
+
+    def check(self) -> None:
+        """The folder exists or can be made."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot use {self.root}: {e}") from e
+
+
+def open_store(
+    url: str, *, secret: bytes, endpoint_url: str | None = None, region: str | None = None
+) -> S3Store | FileStore:
+    """The store a storage URL names."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return FileStore(Path(unquote(parts.path)), secret)
+    if parts.scheme == "s3":
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5)
+        client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        return S3Store(parts.netloc, parts.path.strip("/"), client)
+    raise ConfigError(f"unsupported storage URL {url!r}: use s3://bucket/prefix or file:///dir")
+
+
+def put_with_retries(
+    store: ObjectStore, key: str, data: bytes, content_type: str, attempts: int = 4
+) -> None:
+    """Write with bounded retries and backoff, then give up with a StorageError."""
+    for attempt in range(1, attempts + 1):
+        try:
+            store.put(key, data, content_type)
+            return
+        except StorageError:
+            raise
+        except Exception as e:
+            if attempt == attempts:
+                raise StorageError(f"could not store {key} after {attempts} tries: {e}") from e
+            log.warning("storing %s failed (try %d of %d): %s", key, attempt, attempts, e)
+            time.sleep(0.2 * 2**attempt)

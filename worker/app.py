@@ -1,0 +1,180 @@
+"""The Celery side of the worker: the app, the task whose Strategy feeds the runner, the bootstep.
+
+The task never runs in Celery's pool. Its Strategy (Celery's per-task hook on the consumer) hands
+each message to the Runner, which batches by bucket and runs a batch when the pipeline is free. A
+worker bootstep starts the runner with the worker and drains it first on shutdown (`close` runs
+before any step stops), so the running batch finishes and buffered messages go back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from celery import Celery, Task, bootsteps
+from celery.exceptions import InvalidTaskError
+from celery.utils.log import get_logger
+from redis import Redis
+
+from core.messages import GENERATE_TASK
+from core.settings import Settings
+from core.storage import open_store
+from core.store import JobStore, Ledger
+from worker.batch import BatchContext
+from worker.batcher import Limits
+from worker.runner import Delivery, Runner
+
+log = logging.getLogger(__name__)
+celery_log = get_logger(__name__)
+
+
+def create_celery(settings: Settings) -> Celery:
+    """A Celery app configured for at-least-once delivery with a bounded prefetch."""
+    app = Celery("diffusion-queue", broker=settings.require_redis(), set_as_current=True)
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_default_queue=settings.queue_name,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One pipeline per process; the runner buffers up to two batches so the next one is ready.
+        worker_concurrency=1,
+        worker_prefetch_multiplier=prefetch_of(settings),
+        worker_enable_soft_shutdown_on_idle=True,
+        worker_hijack_root_logger=False,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_ignore_result=True,
+    )
+    app.dq_settings = settings  # type: ignore[attr-defined]
+    app.register_task(GenerateTask())
+    app.steps["worker"].add(BatchingStep)
+    return app
+
+
+def prefetch_of(settings: Settings) -> int:
+    """Messages a worker may hold: one running batch and one forming."""
+    return 2 * settings.max_batch_size
+
+
+def job_id_of(message: Any) -> str:
+    """The job id a message carries (its only argument)."""
+    try:
+        args, _kwargs, _embed = message.decode()
+        (job_id,) = args
+    except (ValueError, TypeError) as e:
+        raise InvalidTaskError(f"expected one job id argument: {e}") from e
+    if not isinstance(job_id, str) or not job_id.startswith("job_"):
+        raise InvalidTaskError(f"not a job id: {job_id!r}")
+    return job_id
+
+
+def batching_strategy(task: Task, app: Celery, consumer: Any, **_: Any) -> Any:
+    """Celery's Strategy hook: messages of this task go to the runner's buffer, not the pool."""
+    runner: Runner = consumer.controller.dq_runner
+    errors = consumer.connection_errors
+
+    def on_message(message: Any, _body: Any, ack: Any, reject: Any, _cbs: Any, **__: Any) -> None:
+        delivery = Delivery(
+            ack_soon=lambda: ack(celery_log, errors),
+            requeue_soon=lambda: reject(celery_log, errors, True),
+            ack_now=lambda: message.ack_log_error(celery_log, errors),
+            requeue_now=lambda: message.reject_log_error(celery_log, errors, requeue=True),
+        )
+        runner.offer(job_id_of(message), delivery)
+
+    return on_message
+
+
+class GenerateTask(Task):  # type: ignore[misc]
+    """Make the images of one job; only ever run in batches by the runner."""
+
+    name = GENERATE_TASK
+    Strategy = staticmethod(batching_strategy)
+    acks_late = True
+
+    def run(self, job_id: str) -> None:
+        """Never called: the Strategy routes messages to the runner."""
+        raise RuntimeError(f"{job_id} must be run by the batching runner")
+
+
+class BatchingStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Starts the runner with the worker and drains it before the consumer stops."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def create(self, worker: Any) -> None:
+        """Build the runner (cheap); the model loads in its own thread at start."""
+        settings: Settings = worker.app.dq_settings
+        worker.dq_runner = build_runner(settings, worker.hostname)
+        self.runner = worker.dq_runner
+
+    def start(self, worker: Any) -> None:
+        """Start batching."""
+        self.runner.start()
+
+    def close(self, worker: Any) -> None:
+        """Drain: finish the running batch, requeue the buffer."""
+        self.runner.stop(timeout=worker.app.dq_settings.lease_s * 20)
+
+    def stop(self, worker: Any) -> None:
+        """Nothing left: close() drained."""
+
+    def shutdown(self, worker: Any) -> None:
+        """Nothing left: close() drained."""
+
+
+def build_runner(settings: Settings, name: str) -> Runner:
+    """Connect the runner to Redis, the ledger and storage; it loads the model itself."""
+    redis = Redis.from_url(
+        settings.require_redis(), decode_responses=True, socket_timeout=10, health_check_interval=30
+    )
+    store = JobStore(redis, Ledger.of(settings))
+    limits = Limits(
+        max_rows=settings.max_batch_size,
+        max_pixels=settings.max_batch_pixels,
+        timeout_s=settings.batch_timeout_s,
+        early_flush=settings.early_flush,
+    )
+
+    def make_context() -> BatchContext:
+        from worker.inference import load_engine
+        from worker.models import set_cpu_threads
+
+        set_cpu_threads(settings.cpu_threads)
+        storage = open_store(
+            settings.storage,
+            secret=b"",  # workers write; only the gateway signs URLs
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
+        engine = load_engine(settings.model, settings.model_cache, settings.device, settings.dtype)
+        prefix = getattr(storage, "prefix", "")
+        return BatchContext(
+            store=store,
+            storage=storage,
+            engine=engine,
+            worker=name,
+            lease_s=settings.lease_s,
+            progress_interval_s=settings.progress_interval_s,
+            prefix=prefix,
+        )
+
+    return Runner(
+        redis,
+        store,
+        limits,
+        make_context,
+        name=name,
+        queue=settings.queue_name,
+        heartbeat_s=settings.heartbeat_s,
+        prefetch=prefetch_of(settings),
+    )
+
+
+def default_name() -> str:
+    """A worker name unique on this host."""
+    return f"dq-worker-{os.getpid()}@{socket.gethostname()}"
