@@ -284,6 +284,8 @@ def _ensure_built(path: Path, build: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target, on the same filesystem, so that publishing it is one rename.
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    # mkdtemp makes it private to us; the published model is read by every worker's user.
+    staging.chmod(0o755)
     try:
         log.info("building the %s pipeline in %s", path.name, path)
         build(staging)

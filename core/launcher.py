@@ -1,0 +1,186 @@
+"""`dq up`: the whole system on one machine, supervised, stopped cleanly on Ctrl-C.
+
+Starts an embedded Redis (unless DQ_REDIS_URL is set), the gateway, the workers (through the
+scaler's `process` backend when it is available, else one supervised worker), and keeps them
+alive: a child that dies is started again. SIGINT or SIGTERM stops every child and the Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.embedded import EmbeddedRedis
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the launcher dies, so nothing is left behind."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    argv: list[str]
+    stop_timeout_s: float
+    process: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self, env: dict[str, str]) -> None:
+        """Start (or restart) the process in its own session, so Ctrl-C reaches only us."""
+        self.process = subprocess.Popen(
+            self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def exited(self) -> int | None:
+        """The exit code if the process has ended."""
+        return None if self.process is None else self.process.poll()
+
+    def stop(self) -> None:
+        """SIGTERM, wait, then SIGKILL."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", self.name, self.stop_timeout_s)
+            self.process.kill()
+            self.process.wait()
+
+
+def module(name: str, *args: str) -> list[str]:
+    """argv running one of the project's modules with this interpreter."""
+    return [sys.executable, "-m", name, *args]
+
+
+def secret_for(data_dir: Path) -> str:
+    """A URL-signing key that survives restarts of `dq up`."""
+    path = data_dir / "secret_key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@dataclass
+class Launch:
+    """What `dq up` runs."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    min_workers: int = 1
+    max_workers: int = 1
+    extra: Sequence[Child] = ()
+
+
+def children(settings: Settings, launch: Launch) -> list[Child]:
+    """The gateway, the workers, and any extras."""
+    drain_s = settings.lease_s * 4
+    api = Child("gateway", module("api", "--host", launch.host, "--port", str(launch.port)), 10)
+    workers = [
+        Child(f"worker-{i}", module("worker", "--name", f"dq-worker-{i}@local"), drain_s)
+        for i in range(launch.min_workers)
+    ]
+    return [api, *workers, *launch.extra]
+
+
+def banner(launch: Launch, open_api: bool) -> str:
+    """What `dq up` prints once everything started."""
+    url = f"http://{launch.host}:{launch.port}"
+    auth = "" if open_api else ' -H "Authorization: Bearer $KEY"'
+    lines = [
+        f"diffusion-queue is up at {url}  (web page: {url}/  API docs: {url}/docs)",
+        "submit a job:",
+        f"  curl -s {url}/v1/jobs{auth} -H 'Content-Type: application/json' \\",
+        '       -d \'{"prompt": "a lighthouse at dusk", "width": 64, "height": 64}\'',
+        "Ctrl-C stops everything.",
+    ]
+    if open_api:
+        lines.insert(
+            1, "WARNING: DQ_API_KEYS is empty, so the API is open to anyone who reaches it."
+        )
+    return "\n".join(lines)
+
+
+class Supervisor:
+    """Keeps children running until told to stop."""
+
+    def __init__(self, kids: list[Child], env: dict[str, str]) -> None:
+        self.kids, self.env = kids, env
+        self.stopping = False
+
+    def run(self, on_ready: Callable[[], None]) -> None:
+        """Start all, restart the ones that die, return after a stop signal."""
+        for kid in self.kids:
+            kid.start(self.env)
+        on_ready()
+        while not self.stopping:
+            for kid in self.kids:
+                self._revive(kid)
+            time.sleep(0.5)
+
+    def _revive(self, kid: Child) -> None:
+        code = kid.exited()
+        if code is None or self.stopping:
+            return
+        recent = [t for t in kid.restarts if time.monotonic() - t < 60]
+        delay = min(30.0, 0.5 * 2 ** len(recent))
+        log.warning("%s exited with %s; starting it again in %.1f s", kid.name, code, delay)
+        time.sleep(delay)
+        kid.restarts = [*recent, time.monotonic()]
+        if not self.stopping:
+            kid.start(self.env)
+
+    def stop(self, *_: object) -> None:
+        """Stop children in reverse order of start (gateway last to go is first started)."""
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        """Terminate every child and wait for each."""
+        for kid in reversed(self.kids):
+            kid.stop()
+
+
+def up(settings: Settings, launch: Launch) -> int:
+    """Run the whole system in the foreground."""
+    data_dir = settings.data_dir.resolve()
+    redis = None
+    env = {**os.environ, "DQ_DATA_DIR": str(data_dir)}
+    if not settings.redis_url:
+        redis = EmbeddedRedis(data_dir / "redis", aof=True).start()
+        env["DQ_REDIS_URL"] = redis.url
+        log.info("embedded Redis on %s (append-only file in %s)", redis.url, data_dir / "redis")
+    if settings.secret_key is None:
+        env["DQ_SECRET_KEY"] = secret_for(data_dir)
+    supervisor = Supervisor(children(settings, launch), env)
+    signal.signal(signal.SIGINT, supervisor.stop)
+    signal.signal(signal.SIGTERM, supervisor.stop)
+    try:
+        supervisor.run(lambda: print(banner(launch, not settings.tenants()), flush=True))
+    finally:
+        print("stopping…", flush=True)
+        supervisor.shutdown()
+        if redis is not None:
+            redis.stop()
+    return 0
