@@ -19,6 +19,7 @@ from api import views
 from api.deps import ResourcesDep, TenantDep
 from api.resources import Resources
 from core import heartbeats, keys
+from core.deliveries import read_log
 from core.errors import (
     Conflict,
     IllegalTransition,
@@ -27,9 +28,11 @@ from core.errors import (
     Unavailable,
     ValidationFailed,
 )
-from core.jobs import MAX_SEED, Job, JobRequest, JobStatus, Metrics, new_job_id
+from core.events import EventType, WebhookSpec
+from core.jobs import MAX_SEED, Job, JobCreate, JobRequest, JobStatus, Metrics, new_job_id
 from core.storage import CONTENT_TYPES, FileStore
 from core.store import JobRecord
+from core.urlguard import check_url
 
 router = APIRouter()
 
@@ -51,6 +54,13 @@ class QueueStatus(BaseModel):
     eta_s: float | None
 
 
+class Redelivery(BaseModel):
+    """The event queued again by a redelivery."""
+
+    event: EventType
+    webhook_id: str
+
+
 async def throughput(res: Resources) -> float | None:
     """Images/s of all live workers, cached for a second to keep reads cheap."""
     at, value = res.cache.get("throughput", (0.0, None))
@@ -69,13 +79,31 @@ async def render(res: Resources, record: JobRecord, rank: int | None, base_url: 
         ahead = (rank or 0) + record.request.num_images
         queue = views.queue_info(rank, ahead, await throughput(res))
     outputs = views.outputs_with_urls(record.outputs, res.storage, res.settings.url_ttl_s, base_url)
-    return views.public_job(record, queue=queue, outputs=outputs)
+    deliveries = await read_log(res.redis, record.id) if record.webhook else None
+    return views.public_job(record, queue=queue, outputs=outputs, deliveries=deliveries)
 
 
 def fingerprint(request: JobRequest) -> str:
     """What makes two submissions 'the same' for Idempotency-Key."""
-    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True)
+    body = request.model_dump(mode="json")
+    if body.get("webhook", 0) is None:
+        del body["webhook"]  # fingerprints of submissions without a webhook stay as they were
+    canonical = json.dumps(body, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def checked_webhook(res: Resources, tenant: str, spec: WebhookSpec | None) -> None:
+    """Refuse a webhook this server cannot sign or must not call (the guard runs again at send)."""
+    if spec is None:
+        return
+    if not res.settings.webhook_signing_secrets(tenant):
+        raise ValidationFailed(
+            "webhooks are not enabled on this server: its operator must set DQ_WEBHOOK_SECRET",
+            field="webhook",
+            code="webhooks_disabled",
+        )
+    # Resolving the host blocks; keep it off the event loop.
+    await asyncio.to_thread(check_url, spec.url, allow_private=res.settings.webhook_allow_private)
 
 
 async def owned(res: Resources, tenant: str, job_id: str) -> tuple[JobRecord, int | None]:
@@ -88,7 +116,7 @@ async def owned(res: Resources, tenant: str, job_id: str) -> tuple[JobRecord, in
 
 @router.post("/v1/jobs", status_code=202, response_model=Job, tags=["jobs"])
 async def submit(
-    request: JobRequest,
+    request: JobCreate,
     http: Request,
     response: Response,
     res: ResourcesDep,
@@ -96,7 +124,9 @@ async def submit(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Job:
     """Submit a job; answers 202 with the queued job at once."""
-    seeded = request if request.seed is not None else request.seeded(secrets.randbelow(MAX_SEED))
+    await checked_webhook(res, tenant, request.webhook)
+    asked = request.job_request()
+    seeded = asked if asked.seed is not None else asked.seeded(secrets.randbelow(MAX_SEED))
     record = JobRecord(
         id=new_job_id(),
         tenant=tenant,
@@ -105,6 +135,7 @@ async def submit(
         created_at=time.time(),
         request=seeded,
         metrics=Metrics(),
+        webhook=request.webhook,
     )
     idem = None
     if idempotency_key:
@@ -208,6 +239,23 @@ async def cancel(job_id: str, http: Request, res: ResourcesDep, tenant: TenantDe
         raise Conflict(f"job {job_id} already {e.current}", code="already_finished") from e
     record, rank = await owned(res, tenant, job_id)
     return await render(res, record, rank, str(http.base_url))
+
+
+@router.post(
+    "/v1/jobs/{job_id}/webhooks/redeliver",
+    status_code=202,
+    response_model=Redelivery,
+    tags=["webhooks"],
+)
+async def redeliver(job_id: str, res: ResourcesDep, tenant: TenantDep) -> Redelivery:
+    """Send the job's last webhook event again (same webhook-id, a new series of attempts)."""
+    record, _ = await owned(res, tenant, job_id)
+    if record.webhook is None:
+        raise Conflict(f"job {job_id} has no webhook", code="no_webhook")
+    order = await res.jobs.redeliver(job_id)
+    if order is None:
+        raise Conflict(f"job {job_id} has no webhook event yet", code="no_webhook_event")
+    return Redelivery(event=order.event, webhook_id=order.webhook_id)
 
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"])

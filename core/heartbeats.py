@@ -36,6 +36,7 @@ class WorkerBeat(BaseModel):
     started_at: float
     idle_since: float | None = None
     at: float
+    held: list[str] = []  # broker delivery tags of the messages it holds (buffered or running)
 
 
 def publish(redis: Redis, beat: WorkerBeat, ttl_s: float) -> None:

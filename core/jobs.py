@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from core.events import WebhookSpec, WebhookView
+
 MAX_SEED = 2**32 - 1
 MAX_METADATA_BYTES = 4096
 
@@ -99,6 +101,16 @@ class JobRequest(BaseModel):
         return self.model_copy(update={"seed": seed})
 
 
+class JobCreate(JobRequest):
+    """The body of a submission: the request, plus an optional webhook kept out of `request`."""
+
+    webhook: WebhookSpec | None = None
+
+    def job_request(self) -> JobRequest:
+        """The request as stored and returned, without the webhook."""
+        return JobRequest.model_validate(self.model_dump(exclude={"webhook"}))
+
+
 class Progress(BaseModel):
     """Denoising steps done in the running attempt."""
 
@@ -144,6 +156,7 @@ class Metrics(BaseModel):
     queue_s: float | None = None
     run_s: float | None = None
     batch_size: int | None = None
+    batch_id: str | None = None  # jobs that shared one pipeline call share this
     attempts: int = 0
 
 
@@ -161,6 +174,7 @@ class Job(BaseModel):
     outputs: list[Output] = Field(default_factory=list)
     error: ErrorInfo | None = None
     metrics: Metrics
+    webhook: WebhookView | None = None
 
 
 @dataclass(frozen=True)

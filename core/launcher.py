@@ -1,8 +1,9 @@
 """`dq up`: the whole system on one machine, supervised, stopped cleanly on Ctrl-C.
 
-Starts an embedded Redis (unless DQ_REDIS_URL is set), the gateway, the workers (through the
-scaler's `process` backend when it is available, else one supervised worker), and keeps them
-alive: a child that dies is started again. SIGINT or SIGTERM stops every child and the Redis.
+Starts an embedded Redis (unless DQ_REDIS_URL is set), the gateway, the scaler (which runs the
+workers through its `process` backend, replaces any that die, and runs the reaper) and the webhook
+sender, and keeps them alive: a child that dies is started again. SIGINT or SIGTERM stops every
+child (workers drain) and then the Redis.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from core.embedded import EmbeddedRedis
 from core.settings import Settings
+from core.signing import new_secret
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +75,11 @@ def module(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", name, *args]
 
 
-def secret_for(data_dir: Path) -> str:
-    """A URL-signing key that survives restarts of `dq up`."""
-    path = data_dir / "secret_key"
+def kept_secret(path: Path, make: Callable[[], str]) -> str:
+    """A secret made once and kept in the data dir, so it survives restarts of `dq up`."""
     if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(make())
         path.chmod(0o600)
     return path.read_text().strip()
 
@@ -95,14 +96,16 @@ class Launch:
 
 
 def children(settings: Settings, launch: Launch) -> list[Child]:
-    """The gateway, the workers, and any extras."""
-    drain_s = settings.lease_s * 4
+    """The gateway, the scaler (it runs the workers and the reaper), the webhook sender."""
     api = Child("gateway", module("api", "--host", launch.host, "--port", str(launch.port)), 10)
-    workers = [
-        Child(f"worker-{i}", module("worker", "--name", f"dq-worker-{i}@local"), drain_s)
-        for i in range(launch.min_workers)
-    ]
-    return [api, *workers, *launch.extra]
+    bounds = [f"--min={launch.min_workers}", f"--max={launch.max_workers}"]
+    scaler = Child(
+        "scaler",
+        module("scaler", "--backend", "process", *bounds),
+        settings.scaler_drain_timeout_s + 10,
+    )
+    sender = Child("webhook sender", module("worker.webhooks"), 20)
+    return [api, scaler, sender, *launch.extra]
 
 
 def banner(launch: Launch, open_api: bool) -> str:
@@ -153,7 +156,7 @@ class Supervisor:
             kid.start(self.env)
 
     def stop(self, *_: object) -> None:
-        """Stop children in reverse order of start (gateway last to go is first started)."""
+        """Ask the supervisor to stop (a signal handler)."""
         self.stopping = True
 
     def shutdown(self) -> None:
@@ -172,7 +175,16 @@ def up(settings: Settings, launch: Launch) -> int:
         env["DQ_REDIS_URL"] = redis.url
         log.info("embedded Redis on %s (append-only file in %s)", redis.url, data_dir / "redis")
     if settings.secret_key is None:
-        env["DQ_SECRET_KEY"] = secret_for(data_dir)
+        env["DQ_SECRET_KEY"] = kept_secret(
+            data_dir / "secret_key", lambda: secrets.token_urlsafe(32)
+        )
+    if (
+        not settings.webhook_secret.get_secret_value()
+        and not settings.webhook_secrets.get_secret_value()
+    ):
+        env["DQ_WEBHOOK_SECRET"] = kept_secret(data_dir / "webhook_secret", new_secret)
+        log.info("webhooks are signed with the secret in %s", data_dir / "webhook_secret")
+    env.setdefault("DQ_PUBLIC_URL", f"http://{launch.host}:{launch.port}")
     supervisor = Supervisor(children(settings, launch), env)
     signal.signal(signal.SIGINT, supervisor.stop)
     signal.signal(signal.SIGTERM, supervisor.stop)

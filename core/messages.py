@@ -1,4 +1,4 @@
-"""The Celery message that carries a job id, written straight into the broker list.
+"""The Celery messages the ledger writes straight into broker lists: run a job, send a webhook.
 
 The gateway and the reaper push this envelope (Celery task protocol 2, as kombu's Redis transport
 stores it) inside the same Lua call that writes the job record, so a job is never recorded without
@@ -13,7 +13,10 @@ import uuid
 
 from pydantic import BaseModel, Field
 
+from core.events import DeliveryOrder
+
 GENERATE_TASK = "dq.generate"
+DELIVER_TASK = "dq.deliver_webhook"
 
 
 class DeliveryInfo(BaseModel):
@@ -47,18 +50,28 @@ class TaskMessage(BaseModel):
 
 def generate_message(job_id: str, queue: str, origin: str = "dq") -> str:
     """The serialized message asking a worker to run `job_id`."""
+    return task_message(GENERATE_TASK, [job_id], queue, origin)
+
+
+def delivery_message(order: DeliveryOrder, queue: str) -> str:
+    """The serialized message asking the webhook sender to make one delivery attempt."""
+    return task_message(DELIVER_TASK, [order.model_dump(mode="json")], queue)
+
+
+def task_message(task: str, args: list[object], queue: str, origin: str = "dq") -> str:
+    """The serialized protocol-2 message calling `task(*args)` on `queue`."""
     task_id = str(uuid.uuid4())
-    body = json.dumps([[job_id], {}, {"callbacks": None, "errbacks": None, "chain": None}])
+    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None}])
     headers: dict[str, object] = {
         "lang": "py",
-        "task": GENERATE_TASK,
+        "task": task,
         "id": task_id,
         "root_id": task_id,
         "parent_id": None,
         "group": None,
         "retries": 0,
         "timelimit": [None, None],
-        "argsrepr": repr([job_id]),
+        "argsrepr": repr(args),
         "kwargsrepr": "{}",
         "origin": origin,
         "ignore_result": True,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.callbacks import DEFAULT_SCHEDULE
 from core.errors import ConfigError
+from core.signing import InvalidSecret, parse_secret
 
 DAY_S = 86_400
 
@@ -58,6 +60,38 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     public_url: str | None = Field(None, description="base URL clients reach the gateway at")
 
+    # Webhooks.
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="whsec_… for every tenant (comma-separated while rotating)"
+    )
+    webhook_secrets: SecretStr = Field(
+        SecretStr(""), description="tenant:whsec_…,… (a tenant listed twice is rotating)"
+    )
+    webhook_allow_private: bool = Field(False, description="local development only")
+    webhook_retry_schedule: Annotated[tuple[float, ...], NoDecode] = Field(
+        DEFAULT_SCHEDULE, description="seconds to wait after attempt 1, 2, … (comma-separated)"
+    )
+    webhook_progress_interval_s: float = Field(5.0, ge=0.0)
+    webhook_queue: str = "dq.webhooks"
+    webhook_concurrency: int = Field(8, ge=1, le=256)
+    webhook_connect_timeout_s: float = Field(5.0, gt=0)
+    webhook_timeout_s: float = Field(15.0, gt=0)
+
+    # The scaler (the seed's knobs: min/max workers, interval; ours: target wait, windows).
+    scaler_backend: Literal["process", "docker", "kubernetes"] = "process"
+    scaler_min: int = Field(1, ge=0)
+    scaler_max: int = Field(1, ge=1)
+    scaler_interval_s: float = Field(5.0, gt=0)
+    scaler_target_wait_s: float = Field(5.0, gt=0)
+    scaler_down_window_s: float = Field(120.0, ge=0)
+    scaler_cooldown_s: float = Field(300.0, ge=0)
+    scaler_max_step_up: int = Field(4, ge=1)
+    scaler_drain_timeout_s: float = Field(300.0, gt=0, description="longer than the worst batch")
+    scaler_gpus: str = Field("", description="GPU ids for the process backend, e.g. 0,1,2,3")
+    scaler_docker_project: str = "diffusion-queue"
+    scaler_k8s_deployment: str = "dq-worker"
+    scaler_k8s_namespace: str = "default"
+
     log_level: str = "INFO"
 
     @field_validator("storage_url")
@@ -73,6 +107,29 @@ class Settings(BaseSettings):
         raise ValueError(
             f"unsupported storage URL {value!r}: use s3://bucket/prefix or file:///absolute/dir"
         )
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(float(v) for v in value.replace(" ", "").split(",") if v)
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v < 0 for v in value):
+            raise ValueError("retry delays are seconds and must not be negative, e.g. 5,300,1800")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_secrets_parse(self) -> Self:
+        try:
+            for secret in self._global_secrets() + [s for _, s in self._tenant_secrets()]:
+                parse_secret(secret)
+        except InvalidSecret as e:
+            raise ValueError(f"DQ_WEBHOOK_SECRET(S): {e.message}") from e
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> Self:
@@ -96,6 +153,26 @@ class Settings(BaseSettings):
                 raise ConfigError("DQ_API_KEYS must look like tenant:key,tenant2:key2")
             keys[key] = tenant
         return keys
+
+    def webhook_signing_secrets(self, tenant: str) -> list[str]:
+        """The secrets that sign a tenant's webhooks: its own, else the global ones."""
+        own = [secret for name, secret in self._tenant_secrets() if name == tenant]
+        return own or self._global_secrets()
+
+    def _global_secrets(self) -> list[str]:
+        raw = self.webhook_secret.get_secret_value()
+        return [s for s in raw.replace(" ", ",").split(",") if s]
+
+    def _tenant_secrets(self) -> list[tuple[str, str]]:
+        pairs = []
+        for item in self.webhook_secrets.get_secret_value().split(","):
+            if not item.strip():
+                continue
+            tenant, sep, secret = item.strip().partition(":")
+            if not sep or not tenant or not secret:
+                raise ValueError("DQ_WEBHOOK_SECRETS must look like tenant:whsec_…,tenant2:whsec_…")
+            pairs.append((tenant, secret))
+        return pairs
 
     def require_redis(self) -> str:
         """The Redis URL, or a clear error naming the variable to set."""

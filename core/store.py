@@ -18,6 +18,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from core import keys
 from core.errors import IllegalTransition
+from core.events import DeliveryOrder, EventType, WebhookSpec, event_entering, webhook_id
 from core.jobs import (
     ErrorInfo,
     JobRequest,
@@ -27,7 +28,7 @@ from core.jobs import (
     StoredImage,
     sources_of,
 )
-from core.messages import generate_message
+from core.messages import delivery_message, generate_message
 from core.settings import Settings
 
 _SUBMIT = """
@@ -47,21 +48,48 @@ return {'created', ARGV[1]}
 """
 
 _TRANSITION = """
--- KEYS: job, queued, running, broker list
+-- KEYS: job, queued, running, broker list, webhook list
 -- ARGV: id, allowed sources (space separated), expected attempt ('' = any), new status,
---       terminal ttl ('' = not terminal), index score, message ('' = none), field, value, ...
+--       terminal ttl ('' = not terminal), index score, message ('' = none),
+--       event on entering the status ('' = none), its order, its message,
+--       event on staying in it ('' = none), its order, its message,
+--       now, least seconds between progress events,
+--       lease cutoff ('' = none; else refused unless the lease ended by then), field, value, ...
 local cur = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 if not cur[1] then return {'missing', '', ''} end
 if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. cur[1] .. ' ', 1, true) then
   return {'refused', cur[1], cur[2]}
 end
 if ARGV[3] ~= '' and cur[2] ~= ARGV[3] then return {'refused', cur[1], cur[2]} end
-redis.call('HSET', KEYS[1], 'status', ARGV[4], unpack(ARGV, 8))
+if ARGV[16] ~= '' then
+  local lease = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if lease and tonumber(lease) > tonumber(ARGV[16]) then return {'refused', cur[1], cur[2]} end
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[4], unpack(ARGV, 17))
 if ARGV[4] == 'queued' then redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
 else redis.call('ZREM', KEYS[2], ARGV[1]) end
 if ARGV[4] == 'running' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
 else redis.call('ZREM', KEYS[3], ARGV[1]) end
 if ARGV[7] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[7]) end
+-- The webhook event of this change, created in this same step: once per (job, event type) by an
+-- HSETNX marker; progress events instead at most once per interval.
+local e = 8
+if cur[1] == ARGV[4] then e = 11 end
+local subs = redis.call('HGET', KEYS[1], 'webhook_events')
+if ARGV[e] ~= '' and subs and string.find(' ' .. subs .. ' ', ' ' .. ARGV[e] .. ' ', 1, true) then
+  local fresh
+  if ARGV[e] == 'job.progress' then
+    local last = tonumber(redis.call('HGET', KEYS[1], 'webhook_progress_at')) or 0
+    fresh = tonumber(ARGV[14]) - last >= tonumber(ARGV[15])
+    if fresh then redis.call('HSET', KEYS[1], 'webhook_progress_at', ARGV[14]) end
+  else
+    fresh = redis.call('HSETNX', KEYS[1], 'webhook_event:' .. ARGV[e], ARGV[14]) == 1
+  end
+  if fresh then
+    redis.call('HSET', KEYS[1], 'webhook_last', ARGV[e + 1])
+    redis.call('LPUSH', KEYS[5], ARGV[e + 2])
+  end
+end
 if ARGV[5] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 return {'ok', cur[1], cur[2]}
 """
@@ -84,6 +112,7 @@ class JobRecord:
     error: ErrorInfo | None = None
     metrics: Metrics = field(default_factory=Metrics)
     worker: str | None = None
+    webhook: WebhookSpec | None = None
 
 
 def encode(**values: Any) -> dict[str, str]:
@@ -123,6 +152,7 @@ def decode(job_id: str, raw: Mapping[str, str]) -> JobRecord | None:
         error=ErrorInfo.model_validate_json(e) if (e := raw.get("error")) else None,
         metrics=Metrics.model_validate_json(m) if (m := raw.get("metrics")) else Metrics(),
         worker=raw.get("worker") or None,
+        webhook=WebhookSpec.model_validate_json(w) if (w := raw.get("webhook")) else None,
     )
 
 
@@ -134,6 +164,8 @@ class Ledger:
     job_ttl_s: int = 7 * 86_400
     max_queue: int = 10_000
     idempotency_ttl_s: int = 86_400
+    webhook_queue: str = "dq.webhooks"
+    progress_event_s: float = 5.0
 
     @classmethod
     def of(cls, settings: Settings) -> Ledger:
@@ -143,6 +175,8 @@ class Ledger:
             job_ttl_s=settings.job_ttl_s,
             max_queue=settings.max_queue,
             idempotency_ttl_s=settings.idempotency_ttl_s,
+            webhook_queue=settings.webhook_queue,
+            progress_event_s=settings.webhook_progress_interval_s,
         )
 
     def transition_call(
@@ -153,23 +187,46 @@ class Ledger:
         attempt: int | None,
         fields: Mapping[str, str],
         score: float | None,
+        lease_ended_by: float | None = None,
     ) -> tuple[list[str], list[str | float]]:
         """Keys and arguments of one compare-and-set status change."""
         allowed = " ".join(sorted(sources_of(to)))
         message = generate_message(job_id, self.queue) if to is JobStatus.QUEUED else ""
         ttl = str(self.job_ttl_s) if to.terminal else ""
         flat = [item for pair in fields.items() for item in pair]
+        now = time.time()
+        stay = EventType.PROGRESS if to is JobStatus.RUNNING and "progress" in fields else None
         args: list[str | float] = [
             job_id,
             allowed,
             "" if attempt is None else str(attempt),
             to.value,
             ttl,
-            time.time() if score is None else score,
+            now if score is None else score,
             message,
+            *self.event_args(job_id, event_entering(to.value), now),
+            *self.event_args(job_id, stay, now),
+            now,
+            self.progress_event_s,
+            "" if lease_ended_by is None else lease_ended_by,
             *flat,
         ]
-        return [keys.job(job_id), keys.QUEUED, keys.RUNNING, self.queue], args
+        keys_ = [keys.job(job_id), keys.QUEUED, keys.RUNNING, self.queue, self.webhook_queue]
+        return keys_, args
+
+    def event_args(self, job_id: str, event: EventType | None, now: float) -> list[str]:
+        """The (event, order, message) a transition pushes if the job's webhook wants it."""
+        if event is None:
+            return ["", "", ""]
+        # Progress events are many per job; the time keeps their ids apart.
+        suffix = str(int(now * 1000)) if event is EventType.PROGRESS else ""
+        order = DeliveryOrder(
+            job_id=job_id,
+            event=event,
+            webhook_id=webhook_id(job_id, event, suffix),
+            occurred_at=now,
+        )
+        return [event.value, order.model_dump_json(), delivery_message(order, self.webhook_queue)]
 
     def submit_call(
         self, record: JobRecord, idempotency: tuple[str, str] | None
@@ -183,6 +240,10 @@ class Ledger:
             request=record.request,
             metrics=record.metrics,
         )
+        if record.webhook is not None:
+            # The transition script reads the plain list; the API reads the JSON.
+            fields["webhook"] = record.webhook.model_dump_json()
+            fields["webhook_events"] = " ".join(record.webhook.events)
         idem_key, idem_value = idempotency or ("", "")
         flat = [item for pair in fields.items() for item in pair]
         keys_ = [
@@ -242,11 +303,20 @@ class JobStore:
         *,
         expect_attempt: int | None = None,
         score: float | None = None,
+        lease_ended_by: float | None = None,
         **fields: Any,
     ) -> None:
-        """Move a job to `to` if the table allows it and `expect_attempt` still holds it."""
+        """Move a job to `to` if the table allows it and `expect_attempt` still holds it.
+
+        `lease_ended_by` is the reaper's guard: refuse if the running lease was renewed past it.
+        """
         keys_, args = self.ledger.transition_call(
-            job_id, to, attempt=expect_attempt, fields=encode(**fields), score=score
+            job_id,
+            to,
+            attempt=expect_attempt,
+            fields=encode(**fields),
+            score=score,
+            lease_ended_by=lease_ended_by,
         )
         check_transition(self._transition(keys_, args), job_id, to)
 
@@ -297,6 +367,18 @@ class AsyncJobStore:
             job_id, to, attempt=None, fields=encode(**fields), score=None
         )
         check_transition(await self._transition(keys_, args), job_id, to)
+
+    async def redeliver(self, job_id: str) -> DeliveryOrder | None:
+        """Queue a job's last webhook event again: a new series of attempts, same webhook-id."""
+        raw = await self.redis.hget(keys.job(job_id), "webhook_last")
+        if not raw:
+            return None
+        order = DeliveryOrder.model_validate_json(raw).model_copy(
+            update={"attempt": 1, "manual": True}
+        )
+        queue = self.ledger.webhook_queue
+        await self.redis.lpush(queue, delivery_message(order, queue))
+        return order
 
     async def page(self, tenant: str, before: float, limit: int) -> list[tuple[str, float]]:
         """Up to `limit` of a tenant's (job id, created) pairs created at or before `before`."""

@@ -5,23 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 
 from core.errors import ConfigError
+from core.heartbeats import WorkerState
 
-
-class WorkerState(StrEnum):
-    """What a worker is doing, as its heartbeat (or the lack of one) tells the scaler."""
-
-    # Launched but not serving yet (model loading); the control loop reports a worker the backend
-    # runs but that has not sent a heartbeat as starting. Capacity on its way: it counts.
-    STARTING = "starting"
-    # Serving with nothing to run: the only kind the policy ever drains.
-    IDLE = "idle"
-    # Running a batch: never chosen for removal.
-    BUSY = "busy"
-    # Told to stop: finishes its batch, hands back its buffer, exits. No longer capacity.
-    DRAINING = "draining"
+# A worker the backend runs but that has not sent a heartbeat yet counts as STARTING: capacity on
+# its way. Only IDLE workers are ever drained; BUSY ones never; DRAINING ones are no capacity.
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from scaler.policy import PolicyConfig, PolicyState, Signals, WorkerInfo, WorkerState, decide
+from core.heartbeats import WorkerState
+from scaler.policy import PolicyConfig, PolicyState, Signals, WorkerInfo, decide
 from scaler.traces import TRACES, Trace
 
 SAMPLE_S = 5.0  # the clock every scaler ticks on (their intervals are multiples) and plots sample

@@ -84,3 +84,11 @@ def test_record_round_trips(store: JobStore) -> None:
     record = store.get(job_id)
     assert isinstance(record, JobRecord)
     assert (record.status, record.attempt, record.request.prompt) == (JobStatus.QUEUED, 0, "p")
+
+
+def test_the_reaper_guard_refuses_a_renewed_lease(store: JobStore) -> None:
+    job_id = put(store)
+    store.transition(job_id, JobStatus.RUNNING, score=time.time() + 30)
+    assert not store.try_transition(job_id, JobStatus.QUEUED, lease_ended_by=time.time())
+    store.transition(job_id, JobStatus.RUNNING, score=time.time() - 1)
+    assert store.try_transition(job_id, JobStatus.QUEUED, lease_ended_by=time.time())

@@ -79,6 +79,7 @@ def batching_strategy(task: Task, app: Celery, consumer: Any, **_: Any) -> Any:
 
     def on_message(message: Any, _body: Any, ack: Any, reject: Any, _cbs: Any, **__: Any) -> None:
         delivery = Delivery(
+            tag=str(message.delivery_tag),
             ack_soon=lambda: ack(celery_log, errors),
             requeue_soon=lambda: reject(celery_log, errors, True),
             ack_now=lambda: message.ack_log_error(celery_log, errors),

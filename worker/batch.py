@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +28,14 @@ class Generator(Protocol):
 
     def generate(self, rows: Sequence[Row], bucket: Bucket, on_step: StepHook) -> list[Image]:
         """Images for `rows`, one per row."""
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """One pipeline call, as its jobs' metrics record it."""
+
+    batch_id: str
+    rows: int
 
 
 @dataclass
@@ -111,7 +120,10 @@ class Progressor:
                         score=time.time() + self.ctx.lease_s,
                         progress=Progress(step=step, total_steps=self.total),
                     )
-        return any(c.live for c in self.claims)
+        wanted = any(c.live for c in self.claims)
+        if not wanted:
+            log.info("every row of the batch was canceled; interrupting the pipeline")
+        return wanted
 
 
 def encode(image: Image, fmt: str) -> bytes:
@@ -133,7 +145,7 @@ def fail(ctx: BatchContext, claim_: Claim, code: str, message: str) -> None:
 
 
 def finish(
-    ctx: BatchContext, claim_: Claim, images: Sequence[Image], run_s: float, size: int
+    ctx: BatchContext, claim_: Claim, images: Sequence[Image], run_s: float, call: CallInfo
 ) -> None:
     """Store a job's images at deterministic keys and mark it succeeded."""
     if ctx.store.statuses([claim_.job_id])[0] is not JobStatus.RUNNING:
@@ -158,7 +170,8 @@ def finish(
         metrics=Metrics(
             queue_s=round(claim_.claimed_at - claim_.record.created_at, 4),
             run_s=round(run_s, 4),
-            batch_size=size,
+            batch_size=call.rows,
+            batch_id=call.batch_id,
             attempts=claim_.attempt,
         ),
     )
@@ -178,21 +191,22 @@ def run_claims(ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket) -> in
         fail(ctx, claims[0], "pipeline_error", f"the model could not run this job: {e}")
         return 0
     run_s = time.monotonic() - start
+    call = CallInfo(batch_id=uuid.uuid4().hex[:12], rows=len(rows))
     offset = 0
     for c in claims:
         n = c.record.request.num_images
         if c.live:
-            store_or_fail(ctx, c, images[offset : offset + n], run_s, len(rows))
+            store_or_fail(ctx, c, images[offset : offset + n], run_s, call)
         offset += n
     return len(rows)
 
 
 def store_or_fail(
-    ctx: BatchContext, claim_: Claim, images: Sequence[Image], run_s: float, size: int
+    ctx: BatchContext, claim_: Claim, images: Sequence[Image], run_s: float, call: CallInfo
 ) -> None:
     """Finish a job, failing it with a storage error when the store gives up."""
     try:
-        finish(ctx, claim_, images, run_s, size)
+        finish(ctx, claim_, images, run_s, call)
     except StorageError as e:
         log.error("job %s: %s", claim_.job_id, e)
         fail(ctx, claim_, "storage_error", "the image could not be stored; retry the job")

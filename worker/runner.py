@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class Delivery:
     """Settling one broker message: via Celery's event loop, or directly once that stopped."""
 
+    tag: str  # the broker's delivery tag: the reaper restores tags no live worker holds
     ack_soon: Callable[[], object]
     requeue_soon: Callable[[], object]
     ack_now: Callable[[], object]
@@ -76,6 +77,7 @@ class Runner:
         self.pending: list[Pending[Delivery]] = []
         self.records: dict[str, JobRecord] = {}
         self.running = 0
+        self.current: list[Delivery] = []  # the messages of the batch being run
         self.state = WorkerState.STARTING
         self.stopping = threading.Event()  # the batch loop takes no new batch
         self.silenced = threading.Event()  # the heartbeat stops (after the last batch)
@@ -157,6 +159,7 @@ class Runner:
         bucket: Bucket = batch[0].bucket
         records = [self.records.pop(p.job_id) for p in batch]
         self.running, self.state, self.idle_since = len(batch), WorkerState.BUSY, None
+        self.current = [p.handle for p in batch]
         start = time.monotonic()
         try:
             made = run_batch(self.ctx, records, bucket, self.limits.capacity(bucket))
@@ -171,7 +174,7 @@ class Runner:
                 self._settle(p.handle, ack=False)
             return
         finally:
-            self.running = 0
+            self.running, self.current = 0, []
         self.rate.add(made, time.monotonic() - start)
         for p in batch:
             self._settle(p.handle, ack=True)
@@ -249,6 +252,8 @@ class Runner:
                     )
         with self.cond:
             buffered = len(self.pending) + len(self.inbox)
+            held = [d.tag for _, d, _ in self.inbox] + [p.handle.tag for p in self.pending]
+        held += [d.tag for d in self.current]
         beat = WorkerBeat(
             name=self.name,
             state=self.state,
@@ -259,5 +264,6 @@ class Runner:
             started_at=self.started_at,
             idle_since=self.idle_since,
             at=time.time(),
+            held=held,
         )
         heartbeats.publish(self.redis, beat, ttl_s=self.heartbeat_s * 3)

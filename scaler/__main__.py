@@ -1,0 +1,103 @@
+"""`python -m scaler`: the autoscaler and reaper; `python -m scaler simulate …`: the simulator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import TypeVar
+
+from redis import Redis
+
+from core.settings import Settings, load_settings
+from core.store import JobStore, Ledger
+from scaler.backends import DockerBackend, KubernetesBackend, ScaleBackend
+from scaler.loop import ControlLoop
+from scaler.policy import PolicyConfig
+from scaler.process import ProcessBackend
+from scaler.reaper import Reaper
+
+log = logging.getLogger("scaler")
+T = TypeVar("T")
+
+
+def parser() -> argparse.ArgumentParser:
+    """Flags override the DQ_SCALER_* settings."""
+    p = argparse.ArgumentParser(prog="dq scaler", description=__doc__)
+    p.add_argument("--backend", choices=["process", "docker", "kubernetes"])
+    p.add_argument("--min", type=int, dest="min_workers", help="fewest workers (0: scale to zero)")
+    p.add_argument("--max", type=int, dest="max_workers", help="most workers")
+    p.add_argument("--interval", type=float, dest="interval_s", help="seconds between ticks")
+    return p
+
+
+def policy_of(settings: Settings, args: argparse.Namespace) -> PolicyConfig:
+    """The policy's knobs from settings, with command-line overrides."""
+    return PolicyConfig(
+        min_workers=_pick(args.min_workers, settings.scaler_min),
+        max_workers=_pick(args.max_workers, settings.scaler_max),
+        interval_s=_pick(args.interval_s, settings.scaler_interval_s),
+        target_wait_s=settings.scaler_target_wait_s,
+        down_window_s=settings.scaler_down_window_s,
+        cooldown_s=settings.scaler_cooldown_s,
+        max_step_up=settings.scaler_max_step_up,
+    )
+
+
+def _pick(flag: T | None, setting: T) -> T:
+    return setting if flag is None else flag
+
+
+def backend_of(name: str, settings: Settings) -> ScaleBackend:
+    """The backend that starts and stops workers."""
+    drain_s = settings.scaler_drain_timeout_s
+    if name == "docker":
+        return DockerBackend(settings.scaler_docker_project, stop_timeout_s=int(drain_s))
+    if name == "kubernetes":
+        return KubernetesBackend(settings.scaler_k8s_deployment, settings.scaler_k8s_namespace)
+    gpus = [g for g in settings.scaler_gpus.split(",") if g.strip()]
+    return ProcessBackend(dict(os.environ), gpus)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the control loop until SIGTERM/SIGINT, then drain the workers it started."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:
+        from scaler.simulate import main as simulate
+
+        return simulate(argv[1:])
+    args = parser().parse_args(argv)
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True, socket_timeout=10)
+    heartbeat_ttl = settings.heartbeat_s * 3
+    reaper = Reaper(
+        redis,
+        JobStore(redis, Ledger.of(settings)),
+        max_attempts=settings.max_attempts,
+        heartbeat_ttl_s=heartbeat_ttl,
+    )
+    backend = backend_of(args.backend or settings.scaler_backend, settings)
+    loop = ControlLoop(
+        redis,
+        backend,
+        reaper,
+        policy_of(settings, args),
+        queue=settings.queue_name,
+        heartbeat_ttl_s=heartbeat_ttl,
+    )
+    signal.signal(signal.SIGTERM, loop.stop)
+    signal.signal(signal.SIGINT, loop.stop)
+    log.info("scaler running with the %s backend", args.backend or settings.scaler_backend)
+    loop.run()
+    if isinstance(backend, ProcessBackend):
+        backend.stop_all(settings.scaler_drain_timeout_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

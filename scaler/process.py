@@ -1,0 +1,96 @@
+"""The `process` backend: local `python -m worker` processes, one per GPU when there are GPUs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from scaler.backends import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Spawned:
+    """One worker process this backend started."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    gpu: str | None
+    stopping: bool = False
+
+
+class ProcessBackend:
+    """Starts, drains and reaps worker processes on this machine."""
+
+    def __init__(self, env: dict[str, str], gpus: Sequence[str] = (), prefix: str = "dq-worker"):
+        self.env = env
+        self.gpus = list(gpus)
+        self.prefix = f"{prefix}-{socket.gethostname()}-{os.getpid()}"
+        self.spawned: dict[str, Spawned] = {}
+        self.counter = 0
+
+    def list_workers(self) -> list[WorkerHandle]:
+        """Workers still running (those that exited are reaped here)."""
+        self._reap()
+        return [WorkerHandle(s.name, s.name, s.stopping) for s in self.spawned.values()]
+
+    def add(self, n: int) -> None:
+        """Start `n` workers, each on a GPU no other live worker holds (when there are GPUs)."""
+        for _ in range(n):
+            self.counter += 1
+            name = f"{self.prefix}-{self.counter}"
+            gpu = self._free_gpu()
+            env = dict(self.env)
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            argv = [sys.executable, "-m", "worker", "--name", name]
+            process = subprocess.Popen(argv, env=env, start_new_session=True)
+            self.spawned[name] = Spawned(name, process, gpu)
+            log.info("started worker %s (pid %d, gpu %s)", name, process.pid, gpu or "none")
+
+    def drain(self, worker_id: str) -> None:
+        """SIGTERM: the worker finishes its batch, hands back its buffer and exits."""
+        spawned = self.spawned.get(worker_id)
+        if spawned and not spawned.stopping and spawned.process.poll() is None:
+            spawned.stopping = True
+            spawned.process.send_signal(signal.SIGTERM)
+            log.info("draining worker %s", worker_id)
+
+    def stop_all(self, timeout_s: float) -> None:
+        """Drain every worker and wait for them (the scaler is exiting)."""
+        for name in list(self.spawned):
+            self.drain(name)
+        for spawned in self.spawned.values():
+            try:
+                spawned.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "worker %s did not drain in %.0f s; killing it", spawned.name, timeout_s
+                )
+                spawned.process.kill()
+                spawned.process.wait()
+        self.spawned.clear()
+
+    def _free_gpu(self) -> str | None:
+        if not self.gpus:
+            return None
+        taken = [s.gpu for s in self.spawned.values() if s.process.poll() is None]
+        free = [g for g in self.gpus if g not in taken]
+        return free[0] if free else self.gpus[self.counter % len(self.gpus)]
+
+    def _reap(self) -> None:
+        for name, spawned in list(self.spawned.items()):
+            code = spawned.process.poll()
+            if code is not None:
+                how = "drained" if spawned.stopping else f"died (exit {code})"
+                log.log(
+                    logging.INFO if spawned.stopping else logging.WARNING, "worker %s %s", name, how
+                )
+                del self.spawned[name]

@@ -1,0 +1,306 @@
+"""`python -m worker.webhooks`: the webhook sender, a Celery worker of its own, off the GPU's path.
+
+The ledger's transition script pushes one delivery order per event onto the webhook queue, in the
+same step as the status change. Each task re-reads the job (so the payload carries its current
+state and freshly minted output URLs), checks the URL again, signs, makes one attempt and records
+it on the job. A failed attempt parks the next one in the ledger's retry schedule, and a pump
+thread moves due retries back onto the queue. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery, Task, bootsteps
+from celery.exceptions import Reject
+from redis import Redis
+from redis.exceptions import RedisError
+
+from core.callbacks import Attempt, deliver, is_retryable, next_delay
+from core.deliveries import DeliveryLog, RetrySchedule
+from core.events import DeliveryOrder, DeliveryRecord, Outcome, payload
+from core.jobs import to_datetime
+from core.messages import DELIVER_TASK
+from core.settings import Settings, load_settings
+from core.signing import signature_headers
+from core.storage import ObjectStore, open_store
+from core.store import JobRecord, JobStore, Ledger
+from core.urlguard import GuardedUrl, HostNotFound, Resolver, UnsafeUrl, check_url, resolve_host
+from core.views import outputs_with_urls, public_job
+
+log = logging.getLogger(__name__)
+
+PUMP_INTERVAL_S = 0.25
+# Where `dq up` serves the gateway; local image URLs in payloads are absolute against it.
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
+
+
+@dataclass
+class Sender:
+    """What a delivery needs, made once per process."""
+
+    settings: Settings
+    store: JobStore
+    log: DeliveryLog
+    retries: RetrySchedule
+    storage: ObjectStore
+    base_url: str
+    rng: random.Random = field(default_factory=random.Random)
+    resolve: Resolver = resolve_host
+
+
+def build_sender(settings: Settings) -> Sender:
+    """Connect the sender to Redis and storage."""
+    redis = Redis.from_url(
+        settings.require_redis(), decode_responses=True, socket_timeout=10, health_check_interval=30
+    )
+    storage = open_store(
+        settings.storage,
+        secret=url_secret(settings),
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+    )
+    return Sender(
+        settings=settings,
+        store=JobStore(redis, Ledger.of(settings)),
+        log=DeliveryLog(redis, settings.job_ttl_s),
+        retries=RetrySchedule(redis, settings.webhook_queue),
+        storage=storage,
+        base_url=settings.public_url or DEFAULT_PUBLIC_URL,
+    )
+
+
+def url_secret(settings: Settings) -> bytes:
+    """The gateway's key for local file URLs, so links in payloads open."""
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value().encode()
+    log.warning("DQ_SECRET_KEY is not set: local image URLs in webhook payloads will not open")
+    return secrets.token_bytes(32)
+
+
+# --- one delivery ------------------------------------------------------------------------------
+
+
+def send(sender: Sender, order: DeliveryOrder) -> DeliveryRecord | None:
+    """Make one attempt of `order` and record it; None when the job or its webhook is gone."""
+    record = sender.store.get(order.job_id)
+    if record is None or record.webhook is None:
+        log.info("job %s: gone, %s not sent", order.job_id, order.event.value)
+        return None
+    if not order.manual and receiver_gone(sender.log.read(order.job_id)):
+        return give_up(sender, order, "skipped", "the receiver answered 410 Gone; not sent")
+    if not sender.settings.webhook_signing_secrets(record.tenant):
+        return give_up(sender, order, "refused", "no webhook secret is configured to sign with")
+    try:
+        target = check_url(
+            record.webhook.url,
+            allow_private=sender.settings.webhook_allow_private,
+            resolve=sender.resolve,
+        )
+    except HostNotFound as e:
+        attempt = Attempt(None, e.reason, None, 0.0)  # DNS may be failing for a moment: retry
+    except UnsafeUrl as e:
+        return give_up(sender, order, "refused", e.reason)
+    else:
+        attempt = post(sender, order, record, target)
+    schedule = sender.settings.webhook_retry_schedule
+    outcome, delay = decide(attempt, order.attempt, schedule, sender.rng)
+    return settle(sender, order, attempt, outcome, delay)
+
+
+def post(sender: Sender, order: DeliveryOrder, record: JobRecord, target: GuardedUrl) -> Attempt:
+    """Sign the job's current JSON and POST it once to the checked addresses."""
+    settings = sender.settings
+    outputs = outputs_with_urls(record.outputs, sender.storage, settings.url_ttl_s, sender.base_url)
+    job = public_job(record, outputs=outputs).model_dump(mode="json", exclude={"webhook"})
+    body = payload(order, job)
+    headers = signature_headers(
+        settings.webhook_signing_secrets(record.tenant), order.webhook_id, int(time.time()), body
+    )
+    return deliver(
+        target,
+        body,
+        headers,
+        connect_timeout=settings.webhook_connect_timeout_s,
+        total_timeout=settings.webhook_timeout_s,
+    )
+
+
+def decide(
+    attempt: Attempt, attempt_no: int, schedule: tuple[float, ...], rng: random.Random
+) -> tuple[Outcome, float | None]:
+    """What follows an attempt: delivered, gone (410), a retry in so many seconds, or giving up."""
+    if attempt.ok:
+        return "delivered", None
+    if not is_retryable(attempt):
+        return ("gone" if attempt.status_code == 410 else "gave_up"), None
+    delay = next_delay(attempt_no, schedule, attempt.retry_after_s, rng)
+    return ("gave_up", None) if delay is None else ("retrying", delay)
+
+
+def receiver_gone(entries: list[DeliveryRecord]) -> bool:
+    """True when the receiver's latest answer was 410 Gone: it asked for no more events."""
+    answered = [e for e in entries if e.outcome != "skipped"]
+    return bool(answered) and answered[-1].outcome == "gone"
+
+
+def give_up(sender: Sender, order: DeliveryOrder, outcome: Outcome, reason: str) -> DeliveryRecord:
+    """Record an order that was not sent, with why."""
+    return settle(sender, order, Attempt(None, reason, None, 0.0), outcome, None)
+
+
+def settle(
+    sender: Sender, order: DeliveryOrder, attempt: Attempt, outcome: Outcome, delay: float | None
+) -> DeliveryRecord:
+    """Park the next attempt when there is one, and log this one on the job."""
+    now = time.time()
+    due = None if delay is None else now + delay
+    if due is not None:
+        sender.retries.add(order.retry(), due)
+    entry = DeliveryRecord(
+        event=order.event,
+        webhook_id=order.webhook_id,
+        attempt=order.attempt,
+        at=to_datetime(now),  # type: ignore[arg-type]
+        outcome=outcome,
+        status_code=attempt.status_code,
+        error=attempt.error,
+        next_retry_at=to_datetime(due),
+    )
+    sender.log.append(order.job_id, entry)
+    log.info(
+        "job %s: %s %s attempt %d: %s (%s)",
+        order.job_id,
+        order.event.value,
+        order.webhook_id,
+        order.attempt,
+        outcome,
+        attempt.status_code or attempt.error,
+    )
+    return entry
+
+
+# --- the Celery side ---------------------------------------------------------------------------
+
+
+class DeliverTask(Task):  # type: ignore[misc]
+    """Make one delivery attempt of one event."""
+
+    name = DELIVER_TASK
+    acks_late = True
+
+    def run(self, order: dict[str, Any]) -> None:
+        """Send; when the ledger is unreachable, hand the order back to the queue."""
+        parsed = DeliveryOrder.model_validate(order)
+        try:
+            send(self.app.dq_sender, parsed)
+        except RedisError as e:
+            log.warning("job %s: Redis unavailable (%s); event requeued", parsed.job_id, e)
+            time.sleep(1)
+            raise Reject(requeue=True) from e
+
+
+class RetryPump:
+    """A thread that moves due retries from the schedule back onto the delivery queue."""
+
+    def __init__(self, retries: RetrySchedule, interval_s: float = PUMP_INTERVAL_S) -> None:
+        self.retries = retries
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="dq-retry-pump", daemon=True)
+
+    def start(self) -> None:
+        """Start pumping."""
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop pumping; parked retries stay in Redis for the next sender."""
+        self.stopped.set()
+        self.thread.join(2)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                self.retries.release_due(time.time())
+            except RedisError as e:
+                log.warning("retry pump: Redis unavailable (%s); retrying in 1 s", e)
+                self.stopped.wait(1)
+
+
+class SenderStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Builds the sender with the worker and runs the retry pump beside it."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def create(self, worker: Any) -> None:
+        """Connect the sender; tasks find it on the app."""
+        worker.app.dq_sender = build_sender(worker.app.dq_settings)
+        self.pump = RetryPump(worker.app.dq_sender.retries)
+
+    def start(self, worker: Any) -> None:
+        """Start the pump."""
+        self.pump.start()
+
+    def stop(self, worker: Any) -> None:
+        """Stop the pump."""
+        self.pump.stop()
+
+
+def create_sender_celery(settings: Settings) -> Celery:
+    """A Celery app consuming the webhook queue with a pool of threads (the work is waiting)."""
+    app = Celery("diffusion-queue-webhooks", broker=settings.require_redis(), set_as_current=True)
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_default_queue=settings.webhook_queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_concurrency=settings.webhook_concurrency,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_ignore_result=True,
+    )
+    app.dq_settings = settings  # type: ignore[attr-defined]
+    app.register_task(DeliverTask())
+    app.steps["worker"].add(SenderStep)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start a webhook sender on the webhook queue."""
+    parser = argparse.ArgumentParser(prog="python -m worker.webhooks", description=__doc__)
+    parser.add_argument("--name", default=None, help="worker name (default: unique per process)")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    app = create_sender_celery(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.webhook_concurrency}",
+            f"--queues={settings.webhook_queue}",
+            f"--hostname={args.name or f'dq-webhooks-{os.getpid()}@{socket.gethostname()}'}",
+            f"--loglevel={settings.log_level}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
