@@ -41,6 +41,8 @@ def create_celery(settings: Settings) -> Celery:
         # One pipeline per process; the runner buffers up to two batches so the next one is ready.
         worker_concurrency=1,
         worker_prefetch_multiplier=prefetch_of(settings),
+        # Soft shutdown: on SIGTERM, time for the runner's drain before a cold stop.
+        worker_soft_shutdown_timeout=settings.lease_s,
         worker_enable_soft_shutdown_on_idle=True,
         worker_hijack_root_logger=False,
         broker_transport_options=transport,

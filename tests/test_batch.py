@@ -1,0 +1,120 @@
+"""One batch against the real tiny pipeline, a real Redis ledger and real local storage."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import redis
+from PIL.Image import Image
+
+from core import keys
+from core.jobs import Bucket, JobRequest, JobStatus, Metrics, new_job_id
+from core.messages import generate_message
+from core.storage import FileStore
+from core.store import JobStore, Ledger, encode
+from tests.conftest import WorkerProcess
+from worker.batch import BatchContext, run_batch
+from worker.inference import Engine, Row, StepHook
+from worker.models import load_pipeline
+
+BUCKET = Bucket(64, 64, 2, 7.5)
+
+
+class PoisonedEngine:
+    """The real engine, except that a call with the prompt 'poison' raises, as a bad row would."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.calls: list[list[str]] = []
+
+    def generate(self, rows: Sequence[Row], bucket: Bucket, on_step: StepHook) -> list[Image]:
+        """Record the call, fail it if poisoned, else run the pipeline."""
+        self.calls.append([r.prompt for r in rows])
+        if any(r.prompt == "poison" for r in rows):
+            raise ValueError("this prompt breaks the model")
+        return self.engine.generate(rows, bucket, on_step)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """The tiny pipeline, loaded once for the module."""
+    return Engine(load_pipeline("tiny", tmp_path_factory.mktemp("models")))
+
+
+def queued(store: JobStore, prompt: str) -> str:
+    """A queued job in the ledger."""
+    job_id = new_job_id()
+    request = JobRequest(prompt=prompt, width=64, height=64, steps=2, seed=3)
+    fields = encode(
+        tenant="t",
+        status="queued",
+        attempt=0,
+        created_at=time.time(),
+        request=request,
+        metrics=Metrics(),
+    )
+    store.redis.hset(keys.job(job_id), mapping=fields)
+    return job_id
+
+
+def test_one_bad_row_fails_alone_and_the_others_run_without_it(
+    rclient: redis.Redis, engine: Engine, tmp_path: Path
+) -> None:
+    store = JobStore(rclient, Ledger())
+    poisoned = PoisonedEngine(engine)
+    ctx = BatchContext(store, FileStore(tmp_path, b"k"), poisoned, "w", 30.0, 0.0)
+    ids = [queued(store, p) for p in ("first", "poison", "last")]
+    records = [r for r in store.get_many(ids) if r]
+    assert run_batch(ctx, records, BUCKET, capacity=4) == 2
+    assert poisoned.calls == [["first", "poison", "last"], ["first"], ["poison"], ["last"]]
+    first, poison, last = (store.get(i) for i in ids)
+    assert first is not None
+    assert poison is not None
+    assert last is not None
+    assert (first.status, last.status, poison.status) == (
+        JobStatus.SUCCEEDED,
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+    )
+    assert poison.error is not None
+    assert poison.error.code == "pipeline_error"
+    assert "this prompt breaks the model" in poison.error.message
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["0.png", "0.png"]
+
+
+def test_a_job_that_left_the_queue_is_not_run(
+    rclient: redis.Redis, engine: Engine, tmp_path: Path
+) -> None:
+    store = JobStore(rclient, Ledger())
+    poisoned = PoisonedEngine(engine)
+    ctx = BatchContext(store, FileStore(tmp_path, b"k"), poisoned, "w", 30.0, 0.0)
+    kept, canceled = queued(store, "kept"), queued(store, "gone")
+    records = [r for r in store.get_many([kept, canceled]) if r]
+    store.transition(canceled, JobStatus.CANCELED)
+    run_batch(ctx, records, BUCKET, capacity=4)
+    assert poisoned.calls == [["kept"]]
+
+
+def test_a_redelivered_finished_job_is_settled_without_a_run(
+    env: dict[str, str], rclient: redis.Redis, worker_factory: Callable[..., WorkerProcess]
+) -> None:
+    worker = worker_factory(env)
+    store = JobStore(rclient, Ledger())
+    job_id = queued(store, "once")
+    rclient.lpush("dq.jobs", generate_message(job_id, "dq.jobs"))
+    deadline = time.monotonic() + 60
+    while (record := store.get(job_id)) and record.status is not JobStatus.SUCCEEDED:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rclient.lpush("dq.jobs", generate_message(job_id, "dq.jobs"))  # a duplicate delivery
+    while "message settled without a run" not in worker.log_path.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker.stop()
+    again = store.get(job_id)
+    assert again is not None
+    assert (again.status, again.attempt) == (JobStatus.SUCCEEDED, 1)
+    assert rclient.llen("dq.jobs") == 0
