@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from api.resources import Resources
+from core import heartbeats
+from core.heartbeats import ScalerStatus
+
+
+class ScalerGauges:
+    """The scaler's last decision; no samples while no scaler decides (a stale count misleads)."""
+
+    def __init__(self) -> None:
+        self.status: ScalerStatus | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        """The two gauges, when there is a decision to report."""
+        if self.status is None:
+            return
+        yield GaugeMetricFamily(
+            "dq_scaler_workers_current",
+            "Workers running or starting, as the scaler last counted them",
+            value=self.status.current,
+        )
+        yield GaugeMetricFamily(
+            "dq_scaler_workers_desired",
+            "Workers the scaler last decided on",
+            value=self.status.desired,
+        )
 
 
 def instrument(app: FastAPI) -> None:
-    """Expose /metrics with queue gauges read at scrape time."""
+    """Expose /metrics with queue and scaler gauges read at scrape time."""
     registry = CollectorRegistry()
     queued = Gauge("dq_jobs_queued", "Jobs waiting for a worker", registry=registry)
     running = Gauge("dq_jobs_running", "Jobs in a running batch", registry=registry)
+    scaler = ScalerGauges()
+    registry.register(scaler)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -20,4 +49,5 @@ def instrument(app: FastAPI) -> None:
         q, r = await resources.jobs.counts()
         queued.set(q)
         running.set(r)
+        scaler.status = await heartbeats.scaler_status_async(resources.redis)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

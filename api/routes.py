@@ -44,6 +44,14 @@ class JobPage(BaseModel):
     next_cursor: str | None
 
 
+class ScalerView(BaseModel):
+    """The autoscaler's last decision."""
+
+    current: int
+    desired: int
+    reason: str
+
+
 class QueueStatus(BaseModel):
     """The queue as a whole."""
 
@@ -52,6 +60,7 @@ class QueueStatus(BaseModel):
     workers: int
     images_per_s: float | None
     eta_s: float | None
+    scaler: ScalerView | None = None  # None while no scaler is deciding
 
 
 class Redelivery(BaseModel):
@@ -291,8 +300,15 @@ async def queue(res: ResourcesDep, _: TenantDep) -> QueueStatus:
     rates = [b.images_per_s for b in beats if b.images_per_s]
     rate = sum(rates) if rates else None
     eta = round((queued + 1) / rate, 2) if rate else None
+    decided = await heartbeats.scaler_status_async(res.redis)
+    scaler = ScalerView.model_validate(decided.model_dump()) if decided else None
     return QueueStatus(
-        queued=queued, running=running, workers=len(beats), images_per_s=rate, eta_s=eta
+        queued=queued,
+        running=running,
+        workers=len(beats),
+        images_per_s=rate,
+        eta_s=eta,
+        scaler=scaler,
     )
 
 

@@ -74,3 +74,29 @@ async def live_async(redis: AsyncRedis, ttl_s: float) -> list[WorkerBeat]:
         return []
     raw = await redis.mget([keys.worker(str(n)) for n in names])
     return _parse(raw)
+
+
+class ScalerStatus(BaseModel):
+    """The scaler's last decision, exported for metrics and the queue view."""
+
+    current: int  # workers running or starting, not draining
+    desired: int
+    reason: str
+    at: float
+
+
+def publish_scaler(redis: Redis, status: ScalerStatus, ttl_s: float) -> None:
+    """Write the scaler's decision; it vanishes when no scaler decides any more."""
+    redis.set(keys.SCALER_STATUS, status.model_dump_json(), px=int(ttl_s * 1000))
+
+
+def scaler_status(redis: Redis) -> ScalerStatus | None:
+    """The scaler's last decision; None when no scaler published one lately."""
+    raw = redis.get(keys.SCALER_STATUS)
+    return ScalerStatus.model_validate_json(raw) if raw else None
+
+
+async def scaler_status_async(redis: AsyncRedis) -> ScalerStatus | None:
+    """The scaler's last decision, for the gateway; None when no scaler published one lately."""
+    raw = await redis.get(keys.SCALER_STATUS)
+    return ScalerStatus.model_validate_json(raw) if raw else None

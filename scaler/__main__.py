@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from redis import Redis
 
+from core.errors import ConfigError
 from core.settings import Settings, load_settings
 from core.store import JobStore, Ledger
 from scaler.backends import DockerBackend, KubernetesBackend, ScaleBackend
@@ -61,18 +62,8 @@ def backend_of(name: str, settings: Settings) -> ScaleBackend:
     return ProcessBackend(dict(os.environ), gpus)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the control loop until SIGTERM/SIGINT, then drain the workers it started."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["simulate"]:
-        from scaler.simulate import main as simulate
-
-        return simulate(argv[1:])
-    args = parser().parse_args(argv)
-    settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+def build(settings: Settings, args: argparse.Namespace) -> tuple[ControlLoop, ScaleBackend]:
+    """The control loop and the backend it drives, connected to Redis."""
     redis = Redis.from_url(settings.require_redis(), decode_responses=True, socket_timeout=10)
     heartbeat_ttl = settings.heartbeat_s * 3
     reaper = Reaper(
@@ -81,15 +72,31 @@ def main(argv: list[str] | None = None) -> int:
         max_attempts=settings.max_attempts,
         heartbeat_ttl_s=heartbeat_ttl,
     )
+    policy = policy_of(settings, args)
     backend = backend_of(args.backend or settings.scaler_backend, settings)
     loop = ControlLoop(
-        redis,
-        backend,
-        reaper,
-        policy_of(settings, args),
-        queue=settings.queue_name,
-        heartbeat_ttl_s=heartbeat_ttl,
+        redis, backend, reaper, policy, queue=settings.queue_name, heartbeat_ttl_s=heartbeat_ttl
     )
+    return loop, backend
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the control loop until SIGTERM/SIGINT, then drain the workers it started."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:
+        from scaler.simulate import main as simulate
+
+        return simulate(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        loop, backend = build(settings, args)
+    except ConfigError as e:
+        print(f"dq: {e.message}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
     log.info("scaler running with the %s backend", args.backend or settings.scaler_backend)

@@ -7,18 +7,16 @@ through the backend, and publish what was decided and why.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import RedisError
 
-from core import keys
+from core import heartbeats, keys
+from core.heartbeats import ScalerStatus
 from scaler import signals
 from scaler.backends import ScaleBackend, WorkerHandle
 from scaler.policy import Decision, PolicyConfig, PolicyState, Signals, decide
@@ -33,6 +31,11 @@ end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
 
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 class Lock:
     """A lock with a TTL in Redis: the holder renews it each tick; a dead holder's expires."""
@@ -41,25 +44,15 @@ class Lock:
         self.redis, self.ttl_ms = redis, int(ttl_s * 1000)
         self.token = uuid.uuid4().hex
         self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
 
     def hold(self) -> bool:
         """Take or renew the lock; False while another scaler has it."""
         return bool(self._renew([keys.SCALER_LOCK], [self.token, self.ttl_ms]))
 
     def release(self) -> None:
-        """Give the lock up if it is still ours."""
-        if self.redis.get(keys.SCALER_LOCK) == self.token:
-            self.redis.delete(keys.SCALER_LOCK)
-
-
-@dataclass(frozen=True)
-class Status:
-    """What the scaler last did, as exported for metrics and the API."""
-
-    current: int
-    desired: int
-    reason: str
-    at: float
+        """Give the lock up if still ours (in one step: it may have expired and changed hands)."""
+        self._release([keys.SCALER_LOCK], [self.token])
 
 
 class ControlLoop:
@@ -80,6 +73,7 @@ class ControlLoop:
         self.lock = Lock(redis, ttl_s=max(3 * config.interval_s, 10.0))
         self.state = PolicyState()
         self.stopped = threading.Event()
+        self.holding: bool | None = None  # whether the last tick had the lock; None: no tick yet
 
     def run(self) -> None:
         """Tick every interval until `stop()`."""
@@ -88,6 +82,9 @@ class ControlLoop:
                 self.tick()
             except RedisError as e:
                 log.warning("Redis unavailable (%s); holding the fleet as it is", e)
+            except Exception:
+                # One bad tick (a backend call that failed) must not leave the fleet unmanaged.
+                log.exception("scaler tick failed; trying again in %g s", self.config.interval_s)
             self.stopped.wait(self.config.interval_s)
         with contextlib.suppress(RedisError):
             self.lock.release()
@@ -98,8 +95,7 @@ class ControlLoop:
 
     def tick(self) -> Decision | None:
         """One control step; None when another scaler holds the lock."""
-        if not self.lock.hold():
-            log.info("another scaler holds the lock; waiting")
+        if not self._hold_lock():
             return None
         reaped = self.reaper.tick()
         if reaped.requeued or reaped.failed or reaped.restored:
@@ -109,8 +105,22 @@ class ControlLoop:
         reading = self._read(handles)
         decision, self.state = decide(reading, current, self.state, self.config, time.time())
         self._apply(decision, current)
-        self._publish(Status(current, decision.desired, decision.reason, time.time()))
+        status = ScalerStatus(
+            current=current, desired=decision.desired, reason=decision.reason, at=time.time()
+        )
+        heartbeats.publish_scaler(self.redis, status, ttl_s=self.lock.ttl_ms / 1000)
         return decision
+
+    def _hold_lock(self) -> bool:
+        """Take or renew the lock, logging only when that changes (ticks are frequent)."""
+        held = self.lock.hold()
+        if held != self.holding:
+            if held:
+                log.info("took the scaler lock")
+            else:
+                log.info("another scaler holds the lock; waiting")
+        self.holding = held
+        return held
 
     def _read(self, handles: list[WorkerHandle]) -> Signals | None:
         try:
@@ -127,8 +137,3 @@ class ControlLoop:
         for worker_id in decision.remove:
             log.info("scale down %d -> %d: %s", current, decision.desired, decision.reason)
             self.backend.drain(worker_id)
-
-    def _publish(self, status: Status) -> None:
-        payload = json.dumps(status.__dict__)
-        ttl = math.ceil(self.config.interval_s * 3)
-        self.redis.set(keys.SCALER_STATUS, payload, ex=max(ttl, 10))

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from scaler.backends import WorkerHandle
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass
@@ -32,7 +36,7 @@ class ProcessBackend:
     def __init__(self, env: dict[str, str], gpus: Sequence[str] = (), prefix: str = "dq-worker"):
         self.env = env
         self.gpus = list(gpus)
-        self.prefix = f"{prefix}-{socket.gethostname()}-{os.getpid()}"
+        self.prefix, self.host = f"{prefix}-{os.getpid()}", socket.gethostname()
         self.spawned: dict[str, Spawned] = {}
         self.counter = 0
 
@@ -45,13 +49,18 @@ class ProcessBackend:
         """Start `n` workers, each on a GPU no other live worker holds (when there are GPUs)."""
         for _ in range(n):
             self.counter += 1
-            name = f"{self.prefix}-{self.counter}"
+            # Celery names a node `celery@NAME` unless NAME has an `@`; the worker's heartbeat
+            # carries the node name, and the scaler joins heartbeats to processes by it.
+            name = f"{self.prefix}-{self.counter}@{self.host}"
             gpu = self._free_gpu()
             env = dict(self.env)
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
             argv = [sys.executable, "-m", "worker", "--name", name]
-            process = subprocess.Popen(argv, env=env, start_new_session=True)
+            # A session of its own: Ctrl-C reaches the scaler, which drains the workers in turn.
+            process = subprocess.Popen(
+                argv, env=env, start_new_session=True, preexec_fn=_drain_when_orphaned(os.getpid())
+            )
             self.spawned[name] = Spawned(name, process, gpu)
             log.info("started worker %s (pid %d, gpu %s)", name, process.pid, gpu or "none")
 
@@ -67,9 +76,10 @@ class ProcessBackend:
         """Drain every worker and wait for them (the scaler is exiting)."""
         for name in list(self.spawned):
             self.drain(name)
+        deadline = time.monotonic() + timeout_s
         for spawned in self.spawned.values():
             try:
-                spawned.process.wait(timeout_s)
+                spawned.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning(
                     "worker %s did not drain in %.0f s; killing it", spawned.name, timeout_s
@@ -94,3 +104,20 @@ class ProcessBackend:
                     logging.INFO if spawned.stopping else logging.WARNING, "worker %s %s", name, how
                 )
                 del self.spawned[name]
+
+
+def _drain_when_orphaned(parent: int) -> Callable[[], None] | None:
+    """A pre-exec hook: SIGTERM (a drain) reaches the worker if the scaler dies, even by kill -9.
+
+    Without it a killed scaler leaves workers that no scaler knows about, consuming forever.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def hook() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the scaler died before the hook ran: never start
+            os._exit(1)
+
+    return hook

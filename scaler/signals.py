@@ -18,9 +18,11 @@ def worker_infos(
 ) -> tuple[WorkerInfo, ...]:
     """Each worker the backend runs, in the state its heartbeat reports (none yet: starting)."""
     by_name = {b.name: b for b in beats}
+    # A worker named by default beats as `dq-worker-PID@HOST`; a container or pod knows HOST only.
+    by_host = {b.name.rpartition("@")[2]: b for b in beats if "@" in b.name}
     infos = []
     for handle in handles:
-        beat = by_name.get(handle.hostname)
+        beat = by_name.get(handle.hostname) or by_host.get(handle.hostname)
         state = (
             WorkerState.DRAINING
             if handle.stopping

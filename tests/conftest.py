@@ -16,6 +16,7 @@ import pytest
 import redis
 import uvicorn
 
+from core import heartbeats
 from core.embedded import EmbeddedRedis, free_port
 from core.settings import Settings
 
@@ -230,3 +231,58 @@ def wait_for(
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+class Scaler:
+    """A real `python -m scaler` process with the process backend."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        self.log_path = log
+        self.log = log.open("wb")
+        argv = [sys.executable, "-m", "scaler", "--backend", "process", "--interval", "0.5", *args]
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def stop(self) -> None:
+        """SIGTERM: the scaler drains its workers and exits."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(90)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def scaler_factory(tmp_path: Path) -> Iterator[Callable[..., Scaler]]:
+    """Start scalers; all stopped at the end."""
+    started: list[Scaler] = []
+
+    def start(env: dict[str, str], *args: str) -> Scaler:
+        proc = Scaler(env, tmp_path / f"scaler{len(started)}.log", *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def live_workers(r: redis.Redis, env: dict[str, str]) -> list[heartbeats.WorkerBeat]:
+    """Workers with a fresh heartbeat and their model loaded."""
+    beats = heartbeats.live(r, float(env["DQ_HEARTBEAT_S"]) * 3)
+    return [b for b in beats if b.state != "starting"]
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `check` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

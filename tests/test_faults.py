@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,69 +15,14 @@ import httpx
 import pytest
 import redis
 
-from core import heartbeats, keys
+from core import keys
 from core.embedded import EmbeddedRedis
-from tests.conftest import ROOT, Gateway, client_for, wait_for
+from tests.conftest import Gateway, Scaler, client_for, live_workers, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 
 SMALL = {"width": 64, "height": 64, "steps": 20}
 FAST_LEASES = {"DQ_LEASE_S": "3", "DQ_HEARTBEAT_S": "0.5", "DQ_PROGRESS_INTERVAL_S": "0.1"}
-
-
-class Scaler:
-    """A real `python -m scaler` process with the process backend."""
-
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
-        self.log_path = log
-        self.log = log.open("wb")
-        argv = [sys.executable, "-m", "scaler", "--backend", "process", "--interval", "0.5", *args]
-        self.process = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
-        )
-
-    def stop(self) -> None:
-        """SIGTERM: the scaler drains its workers and exits."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(90)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-
-
-@pytest.fixture
-def scaler_factory(tmp_path: Path) -> Iterator[Callable[..., Scaler]]:
-    """Start scalers; all stopped at the end."""
-    started: list[Scaler] = []
-
-    def start(env: dict[str, str], *args: str) -> Scaler:
-        proc = Scaler(env, tmp_path / f"scaler{len(started)}.log", *args)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-def live_workers(r: redis.Redis, env: dict[str, str]) -> list[heartbeats.WorkerBeat]:
-    """Workers with a fresh heartbeat and their model loaded."""
-    beats = heartbeats.live(r, float(env["DQ_HEARTBEAT_S"]) * 3)
-    return [b for b in beats if b.state != "starting"]
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `check` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def submit(client: httpx.Client, n: int, **extra: Any) -> list[str]:
