@@ -157,6 +157,9 @@ class Metrics(BaseModel):
     run_s: float | None = None
     batch_size: int | None = None
     batch_id: str | None = None  # jobs that shared one pipeline call share this
+    # Epoch seconds when the pipeline call returned: with run_s, the call's span; with
+    # finished_at (taken once the images are stored), the job's storage time.
+    model_done_at: float | None = None
     attempts: int = 0
 
 

@@ -36,6 +36,7 @@ class CallInfo:
 
     batch_id: str
     rows: int
+    done_at: float | None = None  # epoch seconds when the pipeline call returned
 
 
 @dataclass
@@ -172,6 +173,7 @@ def finish(
             run_s=round(run_s, 4),
             batch_size=call.rows,
             batch_id=call.batch_id,
+            model_done_at=None if call.done_at is None else round(call.done_at, 4),
             attempts=claim_.attempt,
         ),
     )
@@ -191,7 +193,7 @@ def run_claims(ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket) -> in
         fail(ctx, claims[0], "pipeline_error", f"the model could not run this job: {e}")
         return 0
     run_s = time.monotonic() - start
-    call = CallInfo(batch_id=uuid.uuid4().hex[:12], rows=len(rows))
+    call = CallInfo(batch_id=uuid.uuid4().hex[:12], rows=len(rows), done_at=time.time())
     offset = 0
     for c in claims:
         n = c.record.request.num_images
