@@ -1,4 +1,4 @@
-"""Request dependencies, as named Annotated aliases."""
+"""Request dependencies, as named Annotated aliases (async: sync ones go through a thread pool)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from core.errors import Unauthorized
 PUBLIC_TENANT = "public"
 
 
-def get_resources(request: Request) -> Resources:
+async def get_resources(request: Request) -> Resources:
     """The gateway's resources, built in the lifespan (tests override this)."""
     resources: Resources = request.app.state.resources
     return resources
@@ -21,7 +21,7 @@ def get_resources(request: Request) -> Resources:
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 
-def get_tenant(request: Request, resources: ResourcesDep) -> str:
+async def get_tenant(request: Request, resources: ResourcesDep) -> str:
     """The tenant the bearer key belongs to."""
     if resources.open:
         return PUBLIC_TENANT

@@ -115,6 +115,11 @@ async def checked_webhook(res: Resources, tenant: str, spec: WebhookSpec | None)
     await asyncio.to_thread(check_url, spec.url, allow_private=res.settings.webhook_allow_private)
 
 
+def json_of(job: Job, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A job serialized once by pydantic (FastAPI would validate it again on the hot path)."""
+    return Response(job.model_dump_json(), status, headers, media_type="application/json")
+
+
 async def owned(res: Resources, tenant: str, job_id: str) -> tuple[JobRecord, int | None]:
     """A tenant's job and its queue rank; another tenant's job is not found."""
     record, rank = await res.jobs.get(job_id)
@@ -127,11 +132,10 @@ async def owned(res: Resources, tenant: str, job_id: str) -> tuple[JobRecord, in
 async def submit(
     request: JobCreate,
     http: Request,
-    response: Response,
     res: ResourcesDep,
     tenant: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> Job:
+) -> Response:
     """Submit a job; answers 202 with the queued job at once."""
     await checked_webhook(res, tenant, request.webhook)
     asked = request.job_request()
@@ -154,8 +158,8 @@ async def submit(
         raise Unavailable("the queue is full; retry later", retry_after_s=10, code="queue_full")
     if outcome == "duplicate":
         record = await _replay(res, tenant, value, fingerprint(request))
-    response.headers["Location"] = f"/v1/jobs/{record.id}"
-    return await render(res, record, 0 if outcome == "created" else None, str(http.base_url))
+    job = await render(res, record, 0 if outcome == "created" else None, str(http.base_url))
+    return json_of(job, 202, {"Location": f"/v1/jobs/{record.id}"})
 
 
 async def _replay(res: Resources, tenant: str, stored: str, fp: str) -> JobRecord:
@@ -172,10 +176,10 @@ async def _replay(res: Resources, tenant: str, stored: str, fp: str) -> JobRecor
 
 
 @router.get("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"])
-async def get_job(job_id: str, http: Request, res: ResourcesDep, tenant: TenantDep) -> Job:
+async def get_job(job_id: str, http: Request, res: ResourcesDep, tenant: TenantDep) -> Response:
     """One job, with output URLs minted fresh."""
     record, rank = await owned(res, tenant, job_id)
-    return await render(res, record, rank, str(http.base_url))
+    return json_of(await render(res, record, rank, str(http.base_url)))
 
 
 @router.get("/v1/jobs", response_model=JobPage, tags=["jobs"])

@@ -103,8 +103,10 @@ class Suite:
                 overrides = env | self._storage(name) | stack_env(self.plan, name)
                 stack = Stack(name, self.redis, DATABASES[name], overrides)
                 cleanup.callback(stack.stop)
-                workers = 0 if name == "gateway" else self.plan.workers
-                self.stacks[name] = stack.start(workers, self.logs)
+                # The gateway alone has no model beside it: it gets a process per core.
+                alone = name == "gateway"
+                workers = 0 if alone else self.plan.workers
+                self.stacks[name] = stack.start(workers, self.logs, 2 if alone else 1)
 
     def _storage(self, name: str) -> dict[str, str]:
         if self.moto is not None:

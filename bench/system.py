@@ -94,9 +94,10 @@ class Stack:
         """The gateway's base URL."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, workers: int, logs: Path) -> Stack:
+    def start(self, workers: int, logs: Path, gateway_processes: int = 1) -> Stack:
         """Start the gateway and the workers (without waiting for them)."""
         args = [sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", str(self.port)]
+        args += ["--workers", str(gateway_processes)]
         self.gateway = Child(args, self.env, logs / f"{self.name}-gateway.log")
         for i in range(workers):
             name = f"bench-{self.name}-{i}@{socket.gethostname()}"

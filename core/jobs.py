@@ -108,7 +108,9 @@ class JobCreate(JobRequest):
 
     def job_request(self) -> JobRequest:
         """The request as stored and returned, without the webhook."""
-        return JobRequest.model_validate(self.model_dump(exclude={"webhook"}))
+        # Already validated as a JobCreate: construct without validating every field again.
+        fields = {name: getattr(self, name) for name in JobRequest.model_fields}
+        return JobRequest.model_construct(**fields)
 
 
 class Progress(BaseModel):
