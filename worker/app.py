@@ -24,6 +24,7 @@ from core.storage import open_store
 from core.store import JobStore, Ledger
 from worker.batch import BatchContext
 from worker.batcher import Limits
+from worker.celeryapp import at_least_once
 from worker.runner import Delivery, Runner
 
 log = logging.getLogger(__name__)
@@ -31,27 +32,18 @@ celery_log = get_logger(__name__)
 
 
 def create_celery(settings: Settings) -> Celery:
-    """A Celery app configured for at-least-once delivery with a bounded prefetch."""
-    app = Celery("diffusion-queue", broker=settings.require_redis(), set_as_current=True)
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
-    app.conf.update(
-        task_default_queue=settings.queue_name,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
+    """A Celery app for one pipeline per process, with a bounded prefetch."""
+    app = at_least_once(
+        "diffusion-queue",
+        settings,
+        settings.queue_name,
         # One pipeline per process; the runner buffers up to two batches so the next one is ready.
         worker_concurrency=1,
         worker_prefetch_multiplier=prefetch_of(settings),
         # Soft shutdown: on SIGTERM, time for the runner's drain before a cold stop.
         worker_soft_shutdown_timeout=settings.lease_s,
         worker_enable_soft_shutdown_on_idle=True,
-        worker_hijack_root_logger=False,
-        broker_transport_options=transport,
-        result_backend_transport_options=transport,
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,
-        task_ignore_result=True,
     )
-    app.dq_settings = settings  # type: ignore[attr-defined]
     app.register_task(GenerateTask())
     app.steps["worker"].add(BatchingStep)
     return app

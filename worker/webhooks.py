@@ -9,7 +9,6 @@ thread moves due retries back onto the queue. Nothing here imports torch.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -30,12 +29,13 @@ from core.deliveries import DeliveryLog, RetrySchedule
 from core.events import DeliveryOrder, DeliveryRecord, Outcome, payload
 from core.jobs import to_datetime
 from core.messages import DELIVER_TASK
-from core.settings import Settings, load_settings
+from core.settings import Settings
 from core.signing import signature_headers
 from core.storage import ObjectStore, open_store
 from core.store import JobRecord, JobStore, Ledger
 from core.urlguard import GuardedUrl, HostNotFound, Resolver, UnsafeUrl, check_url, resolve_host
 from core.views import outputs_with_urls, public_job
+from worker.celeryapp import at_least_once, run
 
 log = logging.getLogger(__name__)
 
@@ -257,49 +257,32 @@ class SenderStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 def create_sender_celery(settings: Settings) -> Celery:
     """A Celery app consuming the webhook queue with a pool of threads (the work is waiting)."""
-    app = Celery("diffusion-queue-webhooks", broker=settings.require_redis(), set_as_current=True)
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
-    app.conf.update(
-        task_default_queue=settings.webhook_queue,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
+    app = at_least_once(
+        "diffusion-queue-webhooks",
+        settings,
+        settings.webhook_queue,
         worker_concurrency=settings.webhook_concurrency,
         worker_prefetch_multiplier=1,
-        worker_hijack_root_logger=False,
-        broker_transport_options=transport,
-        broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None,
-        task_ignore_result=True,
     )
-    app.dq_settings = settings  # type: ignore[attr-defined]
     app.register_task(DeliverTask())
     app.steps["worker"].add(SenderStep)
     return app
 
 
+def sender_args(settings: Settings, name: str | None) -> list[str]:
+    """A pool of threads: each delivery mostly waits on the network."""
+    hostname = name or f"dq-webhooks-{os.getpid()}@{socket.gethostname()}"
+    return [
+        "--pool=threads",
+        f"--concurrency={settings.webhook_concurrency}",
+        f"--queues={settings.webhook_queue}",
+        f"--hostname={hostname}",
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Start a webhook sender on the webhook queue."""
-    parser = argparse.ArgumentParser(prog="python -m worker.webhooks", description=__doc__)
-    parser.add_argument("--name", default=None, help="worker name (default: unique per process)")
-    args = parser.parse_args(argv)
-    settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    app = create_sender_celery(settings)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={settings.webhook_concurrency}",
-            f"--queues={settings.webhook_queue}",
-            f"--hostname={args.name or f'dq-webhooks-{os.getpid()}@{socket.gethostname()}'}",
-            f"--loglevel={settings.log_level}",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-    )
+    run("python -m worker.webhooks", __doc__, create_sender_celery, sender_args, argv)
 
 
 if __name__ == "__main__":

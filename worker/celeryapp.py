@@ -1,0 +1,58 @@
+"""What both kinds of Celery worker share: at-least-once settings, and how a worker starts.
+
+The GPU worker (worker/app.py) and the webhook sender (worker/webhooks.py) differ in their task,
+pool and bootstep; both ack late, requeue on a lost worker, use the one visibility timeout every
+process shares, and reconnect to Redis forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from core.settings import Settings, load_settings
+
+
+def at_least_once(name: str, settings: Settings, queue: str, **conf: Any) -> Celery:
+    """A Celery app on the queue, configured so that no message is acked before its work."""
+    app = Celery(name, broker=settings.require_redis(), set_as_current=True)
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    app.conf.update(
+        task_default_queue=queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_hijack_root_logger=False,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_ignore_result=True,
+        **conf,
+    )
+    app.dq_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+def run(
+    prog: str,
+    doc: str | None,
+    build: Callable[[Settings], Celery],
+    worker_args: Callable[[Settings, str | None], list[str]],
+    argv: list[str] | None = None,
+) -> None:
+    """Parse --name, read settings, configure logging, start the Celery worker."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("--name", default=None, help="worker name (default: unique per process)")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    common = [f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle"]
+    build(settings).worker_main(
+        ["worker", *worker_args(settings, args.name), *common, "--without-heartbeat"]
+    )
