@@ -50,6 +50,28 @@ def fault_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, **FAST_LEASES}
 
 
+def signal_mid_batch(
+    env: dict[str, str],
+    rclient: redis.Redis,
+    gateway_factory: Callable[[dict[str, str]], Gateway],
+    scaler_factory: Callable[..., Scaler],
+    jobs: int,
+    signum: signal.Signals,
+) -> tuple[list[str], list[dict[str, Any]], float]:
+    """Send `signum` to the only worker while it runs a batch; wait for every job to end."""
+    scaler_factory(env, "--min", "1", "--max", "1")
+    wait_until(lambda: live_workers(rclient, env), 90, "a worker")
+    with client_for(gateway_factory(env)) as client:
+        ids = submit(client, jobs)
+        wait_until(lambda: rclient.zcard(keys.RUNNING) > 0, 60, "a running batch")
+        victim = live_workers(rclient, env)[0]
+        assert victim.pid is not None
+        os.kill(victim.pid, signum)
+        sent_at = time.monotonic()
+        finished = [wait_for(client, i, timeout=180) for i in ids]
+        return ids, finished, time.monotonic() - sent_at
+
+
 def test_kill_9_mid_batch_loses_nothing(
     fault_env: dict[str, str],
     tmp_path: Path,
@@ -57,20 +79,11 @@ def test_kill_9_mid_batch_loses_nothing(
     gateway_factory: Callable[[dict[str, str]], Gateway],
     scaler_factory: Callable[..., Scaler],
 ) -> None:
-    scaler_factory(fault_env, "--min", "1", "--max", "1")
-    wait_until(lambda: live_workers(rclient, fault_env), 90, "a worker")
-    with client_for(gateway_factory(fault_env)) as client:
-        ids = submit(client, 24)
-        wait_until(lambda: rclient.zcard(keys.RUNNING) > 0, 60, "a running batch")
-        victim = live_workers(rclient, fault_env)[0]
-        assert victim.pid is not None
-        os.kill(victim.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        jobs = [wait_for(client, i, timeout=180) for i in ids]
-        recovery = time.monotonic() - killed_at
+    ids, jobs, recovery = signal_mid_batch(
+        fault_env, rclient, gateway_factory, scaler_factory, 24, signal.SIGKILL
+    )
     assert [j["status"] for j in jobs] == ["succeeded"] * 24
-    counts = stored_objects(tmp_path / "images", ids)
-    assert set(counts.values()) == {1}
+    assert set(stored_objects(tmp_path / "images", ids).values()) == {1}
     retried = sum(1 for j in jobs if j["metrics"]["attempts"] > 1)
     report("kill -9 worker mid-batch", 24, 0, 0, recovery)
     print(f"  jobs that needed a second attempt: {retried}")
@@ -83,17 +96,9 @@ def test_sigterm_mid_batch_drains_and_runs_nothing_twice(
     gateway_factory: Callable[[dict[str, str]], Gateway],
     scaler_factory: Callable[..., Scaler],
 ) -> None:
-    scaler_factory(fault_env, "--min", "1", "--max", "1")
-    wait_until(lambda: live_workers(rclient, fault_env), 90, "a worker")
-    with client_for(gateway_factory(fault_env)) as client:
-        ids = submit(client, 20)
-        wait_until(lambda: rclient.zcard(keys.RUNNING) > 0, 60, "a running batch")
-        victim = live_workers(rclient, fault_env)[0]
-        assert victim.pid is not None
-        os.kill(victim.pid, signal.SIGTERM)
-        stopped_at = time.monotonic()
-        jobs = [wait_for(client, i, timeout=180) for i in ids]
-        recovery = time.monotonic() - stopped_at
+    ids, jobs, recovery = signal_mid_batch(
+        fault_env, rclient, gateway_factory, scaler_factory, 20, signal.SIGTERM
+    )
     assert [j["status"] for j in jobs] == ["succeeded"] * 20
     assert all(j["metrics"]["attempts"] == 1 for j in jobs)  # a drain finishes, never re-runs
     assert set(stored_objects(tmp_path / "images", ids).values()) == {1}
