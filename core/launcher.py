@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.embedded import EmbeddedRedis
+from core.errors import ConfigError
 from core.settings import Settings
 from core.signing import new_secret
 
@@ -165,8 +166,15 @@ class Supervisor:
             kid.stop()
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
 def up(settings: Settings, launch: Launch) -> int:
     """Run the whole system in the foreground."""
+    if not settings.tenants() and launch.host not in LOOPBACK:
+        raise ConfigError(
+            f"refusing to serve an open API on {launch.host}: set DQ_API_KEYS=tenant:key first"
+        )
     data_dir = settings.data_dir.resolve()
     redis = None
     env = {**os.environ, "DQ_DATA_DIR": str(data_dir)}

@@ -96,6 +96,22 @@ def test_dq_up_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path, model_ca
     assert [p for p in family if alive(p)] == []
 
 
+def test_dq_up_will_not_serve_an_open_api_beyond_loopback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DQ_")}
+    env["DQ_DATA_DIR"] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "core.cli", "up", "--host", "0.0.0.0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "set DQ_API_KEYS" in out.stderr
+    assert not (tmp_path / "redis").exists()
+
+
 def test_bad_settings_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DQ_STORAGE_URL", "ftp://somewhere")
     with pytest.raises(ConfigError, match=r"DQ_STORAGE_URL: .*use s3://bucket/prefix or file:///"):
