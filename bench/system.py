@@ -25,6 +25,7 @@ from bench import BenchError
 from bench.cpu import start_ticks
 from core import keys
 from core.embedded import EmbeddedRedis, free_port
+from core.processes import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "bench-key"
@@ -60,13 +61,7 @@ class Child:
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM (workers drain), then SIGKILL if it lingers."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
         self.log.close()
 
     @staticmethod

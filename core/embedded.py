@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from core.errors import ConfigError
+from core.processes import stop_process
 
 
 def free_port() -> int:
@@ -77,10 +78,5 @@ class EmbeddedRedis:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM: it flushes its append-only file first)."""
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout)

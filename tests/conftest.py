@@ -18,6 +18,7 @@ import uvicorn
 
 from core import heartbeats
 from core.embedded import EmbeddedRedis, free_port
+from core.processes import stop_process
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,15 +194,9 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM and wait (a drain)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        code = stop_process(self.process, timeout)
         self.log.close()
-        return self.process.returncode
+        return code
 
 
 @pytest.fixture
@@ -246,13 +241,7 @@ class Scaler:
 
     def stop(self) -> None:
         """SIGTERM: the scaler drains its workers and exits."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(90)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 90)
         self.log.close()
 
 
