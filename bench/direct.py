@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from bench import BenchError
+from bench import BenchError, stop_child
 from bench.stages import Spread, spread
 
 
@@ -214,9 +214,4 @@ class Direct:
 
     def stop(self) -> None:
         """End the process."""
-        if self.process.is_alive():
-            self.conn.send(None)
-            self.process.join(10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+        stop_child(self.process, self.conn)

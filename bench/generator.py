@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bench import BenchError
+from bench import BenchError, stop_child
 from bench.burst import BurstResult, BurstSpec, run_burst
 from bench.load import LoadResult, LoadSpec, run_load
 
@@ -79,9 +79,4 @@ class LoadGenerator:
 
     def stop(self) -> None:
         """Tell the process to finish, then wait for it."""
-        if self.process.is_alive():
-            self.conn.send(None)
-            self.process.join(10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+        stop_child(self.process, self.conn)

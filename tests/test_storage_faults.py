@@ -6,6 +6,7 @@ import http.client
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
@@ -87,17 +88,28 @@ def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
     p.close()
 
 
+def job_through(
+    failures: int,
+    env: dict[str, str],
+    proxy: FaultProxy,
+    gateway_factory: Callable[[dict[str, str]], Gateway],
+    worker_factory: Callable[..., WorkerProcess],
+) -> dict[str, Any]:
+    """Run one job with S3 behind the proxy failing `failures` uploads (-1: all); the ended job."""
+    s3_env = {**env, "DQ_STORAGE_URL": "s3://flaky/out", "DQ_S3_ENDPOINT_URL": proxy.url}
+    worker_factory(s3_env)
+    proxy.failures = failures
+    with client_for(gateway_factory(s3_env)) as client:
+        return wait_for(client, client.post("/v1/jobs", json=SMALL).json()["id"], timeout=120)
+
+
 def test_storage_errors_are_retried_then_succeed(
     env: dict[str, str],
     proxy: FaultProxy,
     gateway_factory: Callable[[dict[str, str]], Gateway],
     worker_factory: Callable[..., WorkerProcess],
 ) -> None:
-    s3_env = {**env, "DQ_STORAGE_URL": "s3://flaky/out", "DQ_S3_ENDPOINT_URL": proxy.url}
-    worker_factory(s3_env)
-    proxy.failures = 4
-    with client_for(gateway_factory(s3_env)) as client:
-        job = wait_for(client, client.post("/v1/jobs", json=SMALL).json()["id"])
+    job = job_through(4, env, proxy, gateway_factory, worker_factory)
     assert job["status"] == "succeeded", job
     assert proxy.failed == 4
     print(f"\nFAULT S3 503 x4 then healthy: job succeeded after {proxy.failed} failed uploads")
@@ -109,11 +121,7 @@ def test_storage_down_for_good_fails_the_job_with_a_storage_error(
     gateway_factory: Callable[[dict[str, str]], Gateway],
     worker_factory: Callable[..., WorkerProcess],
 ) -> None:
-    s3_env = {**env, "DQ_STORAGE_URL": "s3://flaky/out", "DQ_S3_ENDPOINT_URL": proxy.url}
-    worker_factory(s3_env)
-    proxy.failures = -1
-    with client_for(gateway_factory(s3_env)) as client:
-        job = wait_for(client, client.post("/v1/jobs", json=SMALL).json()["id"], timeout=120)
+    job = job_through(-1, env, proxy, gateway_factory, worker_factory)
     assert job["status"] == "failed"
     assert job["error"]["code"] == "storage_error"
     assert job["outputs"] == []
