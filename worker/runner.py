@@ -78,7 +78,6 @@ class Runner:
         self.records: dict[str, JobRecord] = {}
         self.running = 0
         self.current: list[Delivery] = []  # the messages of the batch being run
-        self.state = WorkerState.STARTING
         self.stopping = threading.Event()  # the batch loop takes no new batch
         self.silenced = threading.Event()  # the heartbeat stops (after the last batch)
         self.started_at = time.time()
@@ -106,7 +105,6 @@ class Runner:
 
     def stop(self, timeout: float) -> None:
         """Drain: finish the running batch, hand buffered messages back, stop beating."""
-        self.state = WorkerState.DRAINING
         self.stopping.set()
         with self.cond:
             self.cond.notify_all()
@@ -129,8 +127,6 @@ class Runner:
 
     def _loop(self) -> None:
         self.ctx = self.make_context()  # loads the model: the slow part of starting
-        self.state = WorkerState.IDLE
-        self.idle_since = time.time()
         log.info("worker %s ready", self.name)
         while not self.stopping.is_set():
             try:
@@ -158,7 +154,7 @@ class Runner:
         assert self.ctx is not None
         bucket: Bucket = batch[0].bucket
         records = [self.records.pop(p.job_id) for p in batch]
-        self.running, self.state, self.idle_since = len(batch), WorkerState.BUSY, None
+        self.running = len(batch)
         self.current = [p.handle for p in batch]
         start = time.monotonic()
         try:
@@ -178,7 +174,6 @@ class Runner:
         self.rate.add(made, time.monotonic() - start)
         for p in batch:
             self._settle(p.handle, ack=True)
-        self._settle_state()
 
     def _settle(self, delivery: Delivery, *, ack: bool) -> None:
         """Ack or requeue; once draining, Celery's loop no longer runs, so settle directly."""
@@ -186,12 +181,6 @@ class Runner:
             (delivery.ack_now if ack else delivery.requeue_now)()
         else:
             (delivery.ack_soon if ack else delivery.requeue_soon)()
-
-    def _settle_state(self) -> None:
-        with self.cond:
-            idle = not self.pending and not self.inbox
-        if idle and self.state is WorkerState.BUSY:
-            self.state, self.idle_since = WorkerState.IDLE, time.time()
 
     def _more_coming(self) -> bool:
         """True while the broker holds messages this worker could still receive."""
@@ -224,8 +213,6 @@ class Runner:
             fresh.append(Pending(job_id, bucket, record.request.num_images, arrived, delivery))
         with self.cond:
             self.pending.extend(fresh)
-        if fresh and self.state is WorkerState.IDLE:
-            self.state, self.idle_since = WorkerState.BUSY, None
 
     # --- heartbeat ---------------------------------------------------------------------------
 
@@ -237,6 +224,19 @@ class Runner:
                 log.warning("heartbeat failed: %s", e)
             if self.silenced.wait(self.heartbeat_s):
                 return
+
+    def current_state(self, busy: bool) -> WorkerState:
+        """What the worker is doing now, read off its threads rather than kept by hand."""
+        if self.stopping.is_set():
+            return WorkerState.DRAINING
+        if self.ctx is None:
+            return WorkerState.STARTING
+        if busy:
+            self.idle_since = None
+            return WorkerState.BUSY
+        if self.idle_since is None:
+            self.idle_since = time.time()
+        return WorkerState.IDLE
 
     def beat(self) -> None:
         """Renew the leases of running jobs and publish this worker's state."""
@@ -256,7 +256,7 @@ class Runner:
         held += [d.tag for d in self.current]
         beat = WorkerBeat(
             name=self.name,
-            state=self.state,
+            state=self.current_state(bool(buffered or self.running)),
             images_per_s=self.rate.value,
             buffered=buffered,
             running=self.running,
