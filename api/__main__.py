@@ -12,6 +12,8 @@ from api.app import create_app
 from core.errors import ConfigError
 from core.settings import load_settings
 
+SHUTDOWN_GRACE_S = 5
+
 
 def factory() -> FastAPI:
     """The app for this process's settings (each uvicorn worker process builds its own)."""
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         workers=args.workers,
         log_level="warning",
+        # Long polls and event streams may be held for a while: a stopping gateway gives them
+        # this long, then cuts them (their clients simply ask again, elsewhere).
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     return 0
 

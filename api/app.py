@@ -23,11 +23,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.resources = build(settings)
+        app.state.resources = res = build(settings)
+        res.watcher.start()
         try:
             yield
         finally:
-            await app.state.resources.redis.aclose()
+            await res.watcher.stop()
+            await res.redis.aclose()
 
     app = FastAPI(
         title="diffusion-queue",

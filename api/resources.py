@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
+from api.watch import Watcher
 from core.settings import Settings
 from core.storage import FileStore, S3Store, open_store
 from core.store import AsyncJobStore, Ledger
@@ -30,6 +31,7 @@ class Resources:
     jobs: AsyncJobStore
     storage: S3Store | FileStore
     tenants: dict[str, str]  # sha256(key) -> tenant
+    watcher: Watcher  # job changes pushed to waiting requests
     cache: dict[str, tuple[float, object]] = field(default_factory=dict)
 
     @property
@@ -65,4 +67,5 @@ def build(settings: Settings) -> Resources:
         endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region,
     )
-    return Resources(settings, redis, AsyncJobStore(redis, Ledger.of(settings)), storage, tenants)
+    jobs = AsyncJobStore(redis, Ledger.of(settings))
+    return Resources(settings, redis, jobs, storage, tenants, Watcher(settings.require_redis()))

@@ -175,10 +175,33 @@ async def _replay(res: Resources, tenant: str, stored: str, fp: str) -> JobRecor
     return record
 
 
+TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
+MAX_WAIT_S = 60.0
+
+
 @router.get("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"])
-async def get_job(job_id: str, http: Request, res: ResourcesDep, tenant: TenantDep) -> Response:
-    """One job, with output URLs minted fresh."""
-    record, rank = await owned(res, tenant, job_id)
+async def get_job(
+    job_id: str,
+    http: Request,
+    res: ResourcesDep,
+    tenant: TenantDep,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_S,
+            description="Hold the request up to this many seconds until the job has ended "
+            "(a long poll: the answer comes the moment it ends, then read `status`).",
+        ),
+    ] = 0,
+) -> Response:
+    """One job, with output URLs minted fresh; with `wait`, once it ends or the wait is over."""
+    with res.watcher.watch(job_id, TERMINAL) as waiter:
+        record, rank = await owned(res, tenant, job_id)
+        deadline = time.monotonic() + wait
+        while not record.status.terminal and (left := deadline - time.monotonic()) > 0:
+            await waiter.changed(left, subscribed=res.watcher.subscribed)
+            record, rank = await owned(res, tenant, job_id)
     return json_of(await render(res, record, rank, str(http.base_url)))
 
 
@@ -275,25 +298,35 @@ async def redeliver(job_id: str, res: ResourcesDep, tenant: TenantDep) -> Redeli
 async def events(
     job_id: str, http: Request, res: ResourcesDep, tenant: TenantDep
 ) -> StreamingResponse:
-    """Server-Sent Events: the job each time its status or progress changes, until it ends."""
+    """Server-Sent Events: the job each time its status, progress or queue position changes."""
     await owned(res, tenant, job_id)
     return StreamingResponse(
         _stream(res, tenant, job_id, str(http.base_url)), media_type="text/event-stream"
     )
 
 
+QUEUED_REREAD_S = 1.0  # how often a stream re-reads a queued job's position
+KEEPALIVE_S = 15.0  # a comment line this often keeps idle proxies from closing the stream
+
+
 async def _stream(res: Resources, tenant: str, job_id: str, base: str) -> AsyncIterator[str]:
-    last = ""
-    while True:
-        record, rank = await owned(res, tenant, job_id)
-        job = await render(res, record, rank, base)
-        state = job.model_dump_json(include={"status", "progress", "queue"})
-        if state != last:
-            last = state
-            yield f"event: {job.status.value}\ndata: {job.model_dump_json()}\n\n"
-        if record.status.terminal:
-            return
-        await asyncio.sleep(0.25)
+    last, quiet_since = "", time.monotonic()
+    with res.watcher.watch(job_id) as waiter:
+        while True:
+            record, rank = await owned(res, tenant, job_id)
+            job = await render(res, record, rank, base)
+            state = job.model_dump_json(include={"status", "progress", "queue"})
+            if state != last:
+                last, quiet_since = state, time.monotonic()
+                yield f"event: {job.status.value}\ndata: {job.model_dump_json()}\n\n"
+            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+            if record.status.terminal:
+                return
+            # A queued job's position moves when others leave the queue: re-read now and then.
+            within = QUEUED_REREAD_S if record.status is JobStatus.QUEUED else KEEPALIVE_S
+            await waiter.changed(within, subscribed=res.watcher.subscribed)
 
 
 @router.get("/v1/queue", response_model=QueueStatus, tags=["queue"])

@@ -10,6 +10,7 @@ WORKERS = f"{PREFIX}:workers"  # zset worker name -> last heartbeat time
 SCALER_LOCK = f"{PREFIX}:scaler:lock"  # one scaler (and reaper) at a time
 SCALER_STATUS = f"{PREFIX}:scaler:status"  # the last decision: current, desired, reason
 WEBHOOK_RETRIES = f"{PREFIX}:webhooks:retries"  # zset delivery order JSON -> when it is due
+CHANGES = f"{PREFIX}:changes"  # pub/sub channel: "<job id> <status>" after every ledger write
 UNACKED = "unacked"  # kombu's hash: delivery tag -> [message, exchange, routing key]
 UNACKED_INDEX = "unacked_index"  # kombu's zset: delivery tag -> delivery time
 PRIORITY_SEP = "\x06\x16"  # kombu's separator for a queue's priority sub-lists

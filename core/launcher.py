@@ -118,6 +118,8 @@ def banner(launch: Launch, open_api: bool) -> str:
         "submit a job:",
         f"  curl -s {url}/v1/jobs{auth} -H 'Content-Type: application/json' \\",
         '       -d \'{"prompt": "a lighthouse at dusk", "width": 64, "height": 64}\'',
+        "wait for it (answered the moment it ends):",
+        f"  curl -s '{url}/v1/jobs/<id>?wait=30'{auth}",
         "Ctrl-C stops everything.",
     ]
     if open_api:

@@ -2,7 +2,8 @@
 
 Every status change runs one Lua script that compares the current status (and, for writes from a
 worker, the attempt number) before it writes, so a late write from a dead attempt loses and terminal
-states never change. Index sets (queue positions, running leases) move in the same script.
+states never change. Index sets (queue positions, running leases) move in the same script, which
+also publishes "<job id> <status>" on `keys.CHANGES` so that waiting clients are told, not polled.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ return {'created', ARGV[1]}
 """
 
 _TRANSITION = """
--- KEYS: job, queued, running, broker list, webhook list
+-- KEYS: job, queued, running, broker list, webhook list, change channel
 -- ARGV: id, allowed sources (space separated), expected attempt ('' = any), new status,
 --       terminal ttl ('' = not terminal), index score, message ('' = none),
 --       event on entering the status ('' = none), its order, its message,
@@ -91,6 +92,7 @@ if ARGV[e] ~= '' and subs and string.find(' ' .. subs .. ' ', ' ' .. ARGV[e] .. 
   end
 end
 if ARGV[5] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+redis.call('PUBLISH', KEYS[6], ARGV[1] .. ' ' .. ARGV[4])
 return {'ok', cur[1], cur[2]}
 """
 
@@ -211,7 +213,14 @@ class Ledger:
             "" if lease_ended_by is None else lease_ended_by,
             *flat,
         ]
-        keys_ = [keys.job(job_id), keys.QUEUED, keys.RUNNING, self.queue, self.webhook_queue]
+        keys_ = [
+            keys.job(job_id),
+            keys.QUEUED,
+            keys.RUNNING,
+            self.queue,
+            self.webhook_queue,
+            keys.CHANGES,
+        ]
         return keys_, args
 
     def event_args(self, job_id: str, event: EventType | None, now: float) -> list[str]:
@@ -263,6 +272,17 @@ class Ledger:
             *flat,
         ]
         return keys_, args
+
+
+@dataclass(frozen=True)
+class Change:
+    """One status change from a worker's attempt, to be written with others in one round trip."""
+
+    job_id: str
+    to: JobStatus
+    expect_attempt: int
+    score: float | None = None  # the running lease's deadline (or queue position)
+    fields: Mapping[str, Any] = field(default_factory=dict)
 
 
 def check_transition(result: Sequence[Any], job_id: str, to: JobStatus) -> None:
@@ -327,6 +347,22 @@ class JobStore:
         except IllegalTransition:
             return False
         return True
+
+    def try_transitions(self, changes: Sequence[Change]) -> list[bool]:
+        """Several changes in one round trip (each its own compare-and-set); which were applied."""
+        if not changes:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for change in changes:
+            keys_, args = self.ledger.transition_call(
+                change.job_id,
+                change.to,
+                attempt=change.expect_attempt,
+                fields=encode(**change.fields),
+                score=change.score,
+            )
+            self._transition(keys_, args, client=pipe)
+        return [_text(result[0]) == "ok" for result in pipe.execute()]
 
     def statuses(self, job_ids: Sequence[str]) -> list[JobStatus | None]:
         """The current status of each job, in one round trip."""

@@ -10,7 +10,7 @@ import redis
 from core import keys
 from core.errors import IllegalTransition
 from core.jobs import TERMINAL, TRANSITIONS, JobRequest, JobStatus, Metrics, new_job_id
-from core.store import JobRecord, JobStore, Ledger, encode
+from core.store import Change, JobRecord, JobStore, Ledger, encode
 
 
 def put(store: JobStore, status: JobStatus = JobStatus.QUEUED, attempt: int = 0) -> str:
@@ -40,6 +40,30 @@ def test_every_edge_of_the_table_is_allowed_and_every_other_refused(store: JobSt
             job_id = put(store, source)
             ok = store.try_transition(job_id, target)
             assert ok == (target in TRANSITIONS[source]), (source, target)
+
+
+def test_changes_written_together_are_each_compared_alone(store: JobStore) -> None:
+    fresh, stale, canceled = (put(store, JobStatus.RUNNING, attempt=1) for _ in range(3))
+    store.transition(canceled, JobStatus.CANCELED)
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CHANGES)
+    applied = store.try_transitions(
+        [
+            Change(fresh, JobStatus.SUCCEEDED, expect_attempt=1, fields={"worker": "w@1"}),
+            Change(stale, JobStatus.SUCCEEDED, expect_attempt=0),
+            Change(canceled, JobStatus.RUNNING, expect_attempt=1, score=time.time() + 9),
+        ]
+    )
+    assert applied == [True, False, False]
+    assert [store.get(j).status for j in (fresh, stale, canceled)] == [  # type: ignore[union-attr]
+        JobStatus.SUCCEEDED,
+        JobStatus.RUNNING,
+        JobStatus.CANCELED,
+    ]
+    assert store.redis.zscore(keys.RUNNING, canceled) is None
+    heard = [pubsub.get_message(timeout=1) for _ in range(2)]
+    assert [m["data"] for m in heard if m] == [f"{fresh} succeeded"]
+    assert store.try_transitions([]) == []
 
 
 def test_terminal_states_never_change(store: JobStore) -> None:
