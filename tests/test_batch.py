@@ -17,8 +17,10 @@ from core.storage import FileStore
 from core.store import JobStore, Ledger, encode
 from tests.conftest import WorkerProcess
 from worker.batch import BatchContext, run_batch
+from worker.batcher import Limits
 from worker.inference import Engine, Row, StepHook
 from worker.models import load_pipeline
+from worker.runner import Delivery, Runner
 
 BUCKET = Bucket(64, 64, 2, 7.5)
 
@@ -36,6 +38,37 @@ class PoisonedEngine:
         if any(r.prompt == "poison" for r in rows):
             raise ValueError("this prompt breaks the model")
         return self.engine.generate(rows, bucket, on_step)
+
+
+class TimedEngine:
+    """The real engine, noting when each call starts and ends."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.calls: list[tuple[float, float]] = []
+
+    def generate(self, rows: Sequence[Row], bucket: Bucket, on_step: StepHook) -> list[Image]:
+        """Run the pipeline and note the call."""
+        start = time.monotonic()
+        images = self.engine.generate(rows, bucket, on_step)
+        self.calls.append((start, time.monotonic()))
+        return images
+
+
+class SlowStore(FileStore):
+    """Real local storage that takes `delay_s` per object, as a far bucket would."""
+
+    def __init__(self, root: Path, delay_s: float) -> None:
+        super().__init__(root, b"k")
+        self.delay_s = delay_s
+        self.puts: list[tuple[float, float]] = []
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Wait, then write."""
+        start = time.monotonic()
+        time.sleep(self.delay_s)
+        super().put(key, data, content_type)
+        self.puts.append((start, time.monotonic()))
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +151,44 @@ def test_a_redelivered_finished_job_is_settled_without_a_run(
     assert again is not None
     assert (again.status, again.attempt) == (JobStatus.SUCCEEDED, 1)
     assert rclient.llen("dq.jobs") == 0
+
+
+def test_the_runner_stores_one_batch_while_the_pipeline_runs_the_next(
+    rclient: redis.Redis, engine: Engine, tmp_path: Path
+) -> None:
+    store = JobStore(rclient, Ledger())
+    storage, timed = SlowStore(tmp_path, 0.4), TimedEngine(engine)
+    settled: list[tuple[str, str]] = []
+
+    def delivery(tag: str) -> Delivery:
+        def note(kind: str) -> Callable[[], None]:
+            return lambda: settled.append((tag, kind))
+
+        return Delivery(tag, note("ack"), note("requeue"), note("ack"), note("requeue"))
+
+    runner = Runner(
+        rclient,
+        store,
+        Limits(max_rows=1, max_pixels=10**9, timeout_s=0.0),
+        lambda: BatchContext(store, storage, timed, "w@test", 30.0, 0.0),
+        name="w@test",
+        queue="dq.test",
+        heartbeat_s=0.1,
+        prefetch=8,
+    )
+    runner.start()
+    ids = [queued(store, f"job {i}") for i in range(3)]
+    for job_id in ids:
+        runner.offer(job_id, delivery(job_id))
+    deadline = time.monotonic() + 60
+    while len(settled) < len(ids):
+        assert time.monotonic() < deadline, settled
+        time.sleep(0.05)
+    runner.stop(10)
+    assert sorted(settled) == sorted((job_id, "ack") for job_id in ids)
+    records = store.get_many(ids)
+    assert [r.status for r in records if r] == [JobStatus.SUCCEEDED] * 3
+    # Each call after the first began while the image of the one before was still being stored.
+    assert len(timed.calls) == 3
+    for (call_start, _), (_, put_end) in zip(timed.calls[1:], storage.puts, strict=False):
+        assert call_start < put_end

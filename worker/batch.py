@@ -1,4 +1,8 @@
-"""Running one batch: claim its jobs in the ledger, call the pipeline, store images, finish jobs."""
+"""Running one batch: claim its jobs in the ledger, call the pipeline, store images, finish jobs.
+
+The pipeline half (`run_models`) and the storing half (`store_batch`) are apart so that a worker
+can store one batch's images while its pipeline runs the next.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from PIL.Image import Image
 from core.errors import StorageError
 from core.jobs import Bucket, ErrorInfo, JobStatus, Metrics, Progress, StoredImage
 from core.storage import CONTENT_TYPES, ObjectStore, image_key, put_with_retries
-from core.store import JobRecord, JobStore
+from core.store import Change, JobRecord, JobStore
 from worker.inference import Row, StepHook
 
 log = logging.getLogger(__name__)
@@ -79,25 +83,43 @@ class BatchContext:
 
 def claim(ctx: BatchContext, records: Sequence[JobRecord]) -> list[Claim]:
     """Move each job queued → running under a new attempt; skip those that left the queue."""
-    claims = []
     now = time.time()
-    for record in records:
-        attempt = record.attempt + 1
-        taken = ctx.store.try_transition(
-            record.id,
-            JobStatus.RUNNING,
-            expect_attempt=record.attempt,
-            score=now + ctx.lease_s,
-            attempt=attempt,
-            started_at=now,
-            worker=ctx.worker,
-            progress=Progress(step=0, total_steps=record.request.steps),
-        )
-        if taken:
-            claims.append(Claim(record, attempt, now))
+    taken = ctx.store.try_transitions(
+        [
+            Change(
+                record.id,
+                JobStatus.RUNNING,
+                expect_attempt=record.attempt,
+                score=now + ctx.lease_s,
+                fields={
+                    "attempt": record.attempt + 1,
+                    "started_at": now,
+                    "worker": ctx.worker,
+                    "progress": Progress(step=0, total_steps=record.request.steps),
+                },
+            )
+            for record in records
+        ]
+    )
+    claims = []
+    for record, ok in zip(records, taken, strict=True):
+        if ok:
+            claims.append(Claim(record, record.attempt + 1, now))
         else:
             log.info("job %s left the queue before it ran; skipping", record.id)
     return claims
+
+
+def renew(ctx: BatchContext, claims: Sequence[Claim], **fields: object) -> None:
+    """Extend the leases of the live claims (with `fields`, e.g. progress), in one round trip.
+
+    A claim whose write is refused was canceled (or taken from this attempt): it is live no more.
+    """
+    live = [c for c in claims if c.live]
+    lease = time.time() + ctx.lease_s
+    changes = [Change(c.job_id, JobStatus.RUNNING, c.attempt, lease, fields) for c in live]
+    for c, ok in zip(live, ctx.store.try_transitions(changes), strict=True):
+        c.live = ok
 
 
 class Progressor:
@@ -112,15 +134,7 @@ class Progressor:
         now = time.monotonic()
         if now - self.last >= self.ctx.progress_interval_s or step == self.total:
             self.last = now
-            for c in self.claims:
-                if c.live:
-                    c.live = self.ctx.store.try_transition(
-                        c.job_id,
-                        JobStatus.RUNNING,
-                        expect_attempt=c.attempt,
-                        score=time.time() + self.ctx.lease_s,
-                        progress=Progress(step=step, total_steps=self.total),
-                    )
+            renew(self.ctx, self.claims, progress=Progress(step=step, total_steps=self.total))
         wanted = any(c.live for c in self.claims)
         if not wanted:
             log.info("every row of the batch was canceled; interrupting the pipeline")
@@ -145,13 +159,8 @@ def fail(ctx: BatchContext, claim_: Claim, code: str, message: str) -> None:
     )
 
 
-def finish(
-    ctx: BatchContext, claim_: Claim, images: Sequence[Image], run_s: float, call: CallInfo
-) -> None:
-    """Store a job's images at deterministic keys and mark it succeeded."""
-    if ctx.store.statuses([claim_.job_id])[0] is not JobStatus.RUNNING:
-        log.info("job %s was canceled while running; its images are discarded", claim_.job_id)
-        return
+def store_images(ctx: BatchContext, claim_: Claim, images: Sequence[Image]) -> list[StoredImage]:
+    """Put a job's images at their deterministic keys (retried; StorageError when it gives up)."""
     req = claim_.record.request
     outputs = []
     for row, image in zip(claim_.rows(), images, strict=True):
@@ -160,15 +169,17 @@ def finish(
             ctx.storage, key, encode(image, req.output_format), CONTENT_TYPES[req.output_format]
         )
         outputs.append(StoredImage(key=key, seed=row.seed, width=image.width, height=image.height))
-    now = time.time()
-    ctx.store.try_transition(
-        claim_.job_id,
-        JobStatus.SUCCEEDED,
-        expect_attempt=claim_.attempt,
-        finished_at=now,
-        outputs=outputs,
-        progress=Progress(step=req.steps, total_steps=req.steps),
-        metrics=Metrics(
+    return outputs
+
+
+def succeeded(claim_: Claim, outputs: list[StoredImage], run_s: float, call: CallInfo) -> Change:
+    """The change that marks a stored job succeeded, with its metrics."""
+    req = claim_.record.request
+    fields = {
+        "finished_at": time.time(),
+        "outputs": outputs,
+        "progress": Progress(step=req.steps, total_steps=req.steps),
+        "metrics": Metrics(
             queue_s=round(claim_.claimed_at - claim_.record.created_at, 4),
             run_s=round(run_s, 4),
             batch_size=call.rows,
@@ -176,11 +187,60 @@ def finish(
             model_done_at=None if call.done_at is None else round(call.done_at, 4),
             attempts=claim_.attempt,
         ),
-    )
+    }
+    return Change(claim_.job_id, JobStatus.SUCCEEDED, claim_.attempt, None, fields)
 
 
-def run_claims(ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket) -> int:
-    """One pipeline call for these claims; on error, each job again alone. Returns images made."""
+def finish(
+    ctx: BatchContext,
+    claims: Sequence[Claim],
+    images: Sequence[Sequence[Image]],
+    run_s: float,
+    call: CallInfo,
+) -> None:
+    """Store each still-running job's images and mark them succeeded (one ledger write for all).
+
+    A job canceled meanwhile stores nothing; one whose images the store refuses fails alone.
+    """
+    statuses = ctx.store.statuses([c.job_id for c in claims])
+    done = []
+    for claim_, made, status in zip(claims, images, statuses, strict=True):
+        if status is not JobStatus.RUNNING:
+            log.info("job %s was canceled while running; its images are discarded", claim_.job_id)
+            continue
+        try:
+            done.append(succeeded(claim_, store_images(ctx, claim_, made), run_s, call))
+        except StorageError as e:
+            log.error("job %s: %s", claim_.job_id, e)
+            fail(ctx, claim_, "storage_error", "the image could not be stored; retry the job")
+    ctx.store.try_transitions(done)
+
+
+@dataclass
+class Made:
+    """The images of one pipeline call, each job's share, waiting to be stored."""
+
+    claims: list[Claim]
+    images: list[list[Image]]
+    run_s: float
+    call: CallInfo
+
+
+@dataclass
+class Ran:
+    """A batch whose pipeline calls are done; its images are stored by `store_batch`."""
+
+    claims: list[Claim]
+    made: list[Made]
+
+    @property
+    def images(self) -> int:
+        """Images the pipeline made."""
+        return sum(m.call.rows for m in self.made)
+
+
+def run_claims(ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket) -> list[Made]:
+    """One pipeline call for these claims; on error, each job again alone."""
     rows = [row for c in claims for row in c.rows()]
     start = time.monotonic()
     try:
@@ -188,47 +248,62 @@ def run_claims(ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket) -> in
     except Exception as e:
         if len(claims) > 1:
             log.warning("batch of %d jobs raised (%s); retrying each job alone", len(claims), e)
-            return sum(run_claims(ctx, [c], bucket) for c in claims)
+            return [made for c in claims for made in run_claims(ctx, [c], bucket)]
         log.exception("job %s failed in the pipeline", claims[0].job_id)
         fail(ctx, claims[0], "pipeline_error", f"the model could not run this job: {e}")
-        return 0
+        return []
     run_s = time.monotonic() - start
     call = CallInfo(batch_id=uuid.uuid4().hex[:12], rows=len(rows), done_at=time.time())
+    per_job: list[list[Image]] = []
     offset = 0
     for c in claims:
         n = c.record.request.num_images
-        if c.live:
-            store_or_fail(ctx, c, images[offset : offset + n], run_s, call)
+        per_job.append(images[offset : offset + n])
         offset += n
-    return len(rows)
+    return [Made(list(claims), per_job, run_s, call)]
 
 
-def store_or_fail(
-    ctx: BatchContext, claim_: Claim, images: Sequence[Image], run_s: float, call: CallInfo
-) -> None:
-    """Finish a job, failing it with a storage error when the store gives up."""
+def run_models(
+    ctx: BatchContext, records: Sequence[JobRecord], bucket: Bucket, capacity: int
+) -> Ran:
+    """Claim the jobs and run the pipeline (split to the row cap); storing comes after."""
+    claims = claim(ctx, records)
+    for c in claims:
+        ctx.running[c.job_id] = c  # the heartbeat renews their leases until they are stored
     try:
-        finish(ctx, claim_, images, run_s, call)
-    except StorageError as e:
-        log.error("job %s: %s", claim_.job_id, e)
-        fail(ctx, claim_, "storage_error", "the image could not be stored; retry the job")
+        made = [m for group in split(claims, capacity) for m in run_claims(ctx, group, bucket)]
+    except BaseException:
+        release(ctx, claims)
+        raise
+    return Ran(claims, made)
+
+
+def store_batch(ctx: BatchContext, ran: Ran) -> None:
+    """Store a run batch's images and finish its jobs (a job canceled meanwhile stores nothing)."""
+    try:
+        for m in ran.made:
+            live = [(c, images) for c, images in zip(m.claims, m.images, strict=True) if c.live]
+            finish(ctx, [c for c, _ in live], [images for _, images in live], m.run_s, m.call)
+    finally:
+        release(ctx, ran.claims)
+
+
+def release(ctx: BatchContext, claims: Sequence[Claim]) -> None:
+    """Stop renewing the leases of these claims."""
+    for c in claims:
+        ctx.running.pop(c.job_id, None)
 
 
 def run_batch(
     ctx: BatchContext, records: Sequence[JobRecord], bucket: Bucket, capacity: int
 ) -> int:
-    """Claim, run (split to the row cap), finish. Returns images made."""
-    claims = claim(ctx, records)
-    for c in claims:
-        ctx.running[c.job_id] = c
-    try:
-        made = 0
-        for group in split(claims, capacity):
-            made += run_claims(ctx, group, bucket)
-        return made
-    finally:
-        for c in claims:
-            ctx.running.pop(c.job_id, None)
+    """Claim, run, store, finish, in one go. Returns images made.
+
+    The runner calls the two halves itself, storing one batch while the next one runs.
+    """
+    ran = run_models(ctx, records, bucket, capacity)
+    store_batch(ctx, ran)
+    return ran.images
 
 
 def split(claims: Sequence[Claim], max_rows: int) -> list[list[Claim]]:

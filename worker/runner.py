@@ -1,8 +1,10 @@
 """The worker's batch loop: buffer what Celery delivers, run a batch whenever the pipeline is free.
 
 Celery's consumer thread calls `offer()` for each message; one runner thread forms batches with the
-pure `batcher.pick` and runs them; a heartbeat thread renews leases and reports to the scaler.
-Messages are acked only after the ledger holds the job's outcome, and handed back on a drain.
+pure `batcher.pick` and runs their pipeline calls; a storing thread encodes and stores each batch's
+images and finishes its jobs while the next batch runs (one batch at a time, so images never pile
+up); a heartbeat thread renews leases and reports to the scaler. Messages are acked only after the
+ledger holds the job's outcome, and handed back on a drain.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from redis import Redis
@@ -21,7 +24,7 @@ from core import heartbeats, keys
 from core.heartbeats import WorkerBeat, WorkerState
 from core.jobs import Bucket, JobStatus
 from core.store import JobRecord, JobStore
-from worker.batch import BatchContext, run_batch
+from worker.batch import BatchContext, Ran, renew, run_models, store_batch
 from worker.batcher import Limits, Pending, pick
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,9 @@ class Runner:
         self.records: dict[str, JobRecord] = {}
         self.running = 0
         self.current: list[Delivery] = []  # the messages of the batch being run
+        self.storing: list[Delivery] = []  # the messages of the batch being stored
+        self.stored: Future[None] | None = None  # when that batch is stored and settled
+        self.store_thread = ThreadPoolExecutor(1, thread_name_prefix="dq-store")
         self.stopping = threading.Event()  # the batch loop takes no new batch
         self.silenced = threading.Event()  # the heartbeat stops (after the last batch)
         self.started_at = time.time()
@@ -109,6 +115,8 @@ class Runner:
         with self.cond:
             self.cond.notify_all()
         self.threads[0].join(timeout)
+        self._wait_stored()
+        self.store_thread.shutdown()
         with self.cond:
             returned = [d for _, d, _ in self.inbox] + [p.handle for p in self.pending]
             self.inbox.clear()
@@ -154,26 +162,53 @@ class Runner:
         assert self.ctx is not None
         bucket: Bucket = batch[0].bucket
         records = [self.records.pop(p.job_id) for p in batch]
-        self.running = len(batch)
-        self.current = [p.handle for p in batch]
+        deliveries = [p.handle for p in batch]
+        self.running, self.current = len(batch), deliveries
         start = time.monotonic()
         try:
-            made = run_batch(self.ctx, records, bucket, self.limits.capacity(bucket))
+            ran = run_models(self.ctx, records, bucket, self.limits.capacity(bucket))
         except RedisError:
             # The ledger is unreachable: keep the messages unacked so they come back.
-            for p in batch:
-                self._settle(p.handle, ack=False)
+            self._settle_all(deliveries, ack=False)
+            self.running, self.current = 0, []
             raise
         except Exception:
             log.exception("batch of %d job(s) crashed; their messages go back", len(batch))
-            for p in batch:
-                self._settle(p.handle, ack=False)
-            return
-        finally:
+            self._settle_all(deliveries, ack=False)
             self.running, self.current = 0, []
-        self.rate.add(made, time.monotonic() - start)
-        for p in batch:
-            self._settle(p.handle, ack=True)
+            return
+        self.rate.add(ran.images, time.monotonic() - start)
+        self._wait_stored()  # the batch before this one
+        # Held by the storing thread from here: the heartbeat never loses sight of these tags.
+        self.storing = deliveries
+        self.running, self.current = 0, []
+        self.stored = self.store_thread.submit(self._store, ran, deliveries)
+
+    def _store(self, ran: Ran, deliveries: Sequence[Delivery]) -> None:
+        """Store a run batch and settle its messages (in the storing thread)."""
+        assert self.ctx is not None
+        try:
+            store_batch(self.ctx, ran)
+        except Exception:
+            # Ledger or store unreachable: the messages come back and the ledger decides.
+            log.exception(
+                "storing a batch of %d job(s) failed; their messages go back", len(ran.claims)
+            )
+            self._settle_all(deliveries, ack=False)
+        else:
+            self._settle_all(deliveries, ack=True)
+        finally:
+            self.storing = []
+
+    def _wait_stored(self) -> None:
+        """Block until the batch being stored is stored and settled."""
+        if self.stored is not None:
+            self.stored.result()
+            self.stored = None
+
+    def _settle_all(self, deliveries: Sequence[Delivery], *, ack: bool) -> None:
+        for delivery in deliveries:
+            self._settle(delivery, ack=ack)
 
     def _settle(self, delivery: Delivery, *, ack: bool) -> None:
         """Ack or requeue; once draining, Celery's loop no longer runs, so settle directly."""
@@ -242,21 +277,14 @@ class Runner:
         """Renew the leases of running jobs and publish this worker's state."""
         ctx = self.ctx
         if ctx is not None:
-            for c in list(ctx.running.values()):
-                if c.live:
-                    self.store.try_transition(
-                        c.job_id,
-                        JobStatus.RUNNING,
-                        expect_attempt=c.attempt,
-                        score=time.time() + ctx.lease_s,
-                    )
+            renew(ctx, list(ctx.running.values()))
         with self.cond:
             buffered = len(self.pending) + len(self.inbox)
             held = [d.tag for _, d, _ in self.inbox] + [p.handle.tag for p in self.pending]
-        held += [d.tag for d in self.current]
+        held += [d.tag for d in self.current] + [d.tag for d in self.storing]
         beat = WorkerBeat(
             name=self.name,
-            state=self.current_state(bool(buffered or self.running)),
+            state=self.current_state(bool(buffered or self.running or self.storing)),
             images_per_s=self.rate.value,
             buffered=buffered,
             running=self.running,
