@@ -73,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("--poll-ms", type=float, help="client poll interval")
     load.add_argument(
         "--wait",
-        choices=("eta", "fixed"),
-        help="eta (default): sleep through the job's ETA, then poll; fixed: poll all along",
+        choices=("hold", "eta", "fixed"),
+        help="hold (default): long-poll, answered when the job ends; "
+        "eta: sleep through the job's ETA, then poll; fixed: poll all along",
     )
     load.add_argument("--repeats", type=int, dest="direct_repeats", help="direct calls per size")
     load.add_argument("--rounds", type=int, help="times the saturation points are taken in turn")

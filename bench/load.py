@@ -2,8 +2,8 @@
 
 It runs in a child process (its CPU is measured and counted against the system, as on a real
 client machine it would not be) and talks to the parent through a pipe, in JSON models. Against
-the gateway a job is submitted and then polled until it ends; against the peer (LitServe) the
-request itself waits for the image.
+the gateway a job is submitted and then waited for (a long poll by default, or polled); against the
+peer (LitServe) the request itself waits for the image.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ class LoadSpec(BaseModel):
     duration_s: float
     drain_s: float = 120.0  # the longest a job in flight at the end is waited for
     poll_s: float = 0.02
+    # hold: long-poll (`GET /v1/jobs/{id}?wait=`): the gateway answers when the job ends.
     # fixed: poll every poll_s. eta: sleep through most of what the job says is left (its queue
     # ETA, or its progress so far), then poll every poll_s: few polls, little notification delay.
-    wait: Literal["fixed", "eta"] = "eta"
+    wait: Literal["hold", "fixed", "eta"] = "hold"
     body: dict[str, Any]
     seed: int = 0
 
@@ -96,6 +97,7 @@ def _epoch(value: str | None) -> float | None:
 # Sleep through this share of the time a job says it still needs: an ETA is an estimate.
 ETA_SHARE = 0.6
 MAX_SLEEP_S = 5.0
+HOLD_S = 30.0  # the longest one long poll is held (the API allows 60)
 
 
 def remaining_s(job: dict[str, Any], now: float) -> float | None:
@@ -186,8 +188,12 @@ class Driver:
     ) -> Sample:
         polls = 0
         while time.time() < self.hard_end:
-            await asyncio.sleep(self._sleep_s(job))
-            reply = await conn.request("GET", f"/v1/jobs/{sample.job_id}")
+            path = f"/v1/jobs/{sample.job_id}"
+            if self.spec.wait == "hold":
+                path += f"?wait={min(HOLD_S, max(0.1, self.hard_end - time.time())):.1f}"
+            else:
+                await asyncio.sleep(self._sleep_s(job))
+            reply = await conn.request("GET", path)
             polls += 1
             if reply.status != 200:
                 failed = {"status": "error", "error": f"HTTP {reply.status}", "polls": polls}

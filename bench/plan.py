@@ -45,7 +45,7 @@ class Plan(BaseModel):
     duration_s: float = 8.0  # per load point, warm-up included
     warmup_s: float = 2.0
     poll_s: float = 0.02
-    wait: Literal["fixed", "eta"] = "eta"  # how clients wait for a job (see load.LoadSpec)
+    wait: Literal["hold", "fixed", "eta"] = "hold"  # how clients wait for a job (see load.LoadSpec)
     direct_repeats: int = 5
     rounds: int = 1  # saturation points of system, unbatched and peer, taken in turn this often
 
