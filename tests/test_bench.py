@@ -76,6 +76,14 @@ def test_counts_add_up(report: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+def test_clients_long_poll_one_read_per_job(report: dict[str, Any]) -> None:
+    assert report["plan"]["wait"] == "hold"
+    for p in report["points"]:
+        if p["variant"] != "peer":
+            assert 1 <= p["polls_per_job"] <= 1.5, p  # the gateway answers when the job ends
+
+
+@pytest.mark.slow
 def test_batches_respect_their_caps(report: dict[str, Any]) -> None:
     for p in report["points"]:
         if p["batch_fill"] is not None:
