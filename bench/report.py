@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class Summary(BaseModel):
     system_vs_direct: float | None = None
     system_model_ms: float | None = None  # p50 pipeline call inside the system at saturation
     unbatched_images_per_s: float | None = None
-    batched_vs_unbatched: float | None = None
+    batched_vs_unbatched: float | None = None  # the median over rounds of each round's ratio
     lone_p50_ms: float | None = None
     lone_p50_minus_direct_ms: float | None = None
     # lone_p50 - direct_single = (lone_model - direct_single) + batch wait + overhead, roughly:
@@ -64,7 +65,7 @@ class Summary(BaseModel):
     fixed_lone_p50_minus_direct_ms: float | None = None
     peer_images_per_s: float | None = None
     peer_lone_p50_ms: float | None = None
-    vs_litserve: float | None = None
+    vs_litserve: float | None = None  # the median over rounds of each round's ratio
     # The same ratios in images per serving CPU-second: steadier when other users of the machine
     # take a varying share of the cores (see each point's cpu_cores.others).
     system_vs_direct_per_core: float | None = None
@@ -126,6 +127,20 @@ def median_round(points: list[Point]) -> Point:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def paired(points: list[Point], a: Served, b: Served, users: int | None) -> float | None:
+    """The median over rounds of a's images/s over b's, both at `users` users.
+
+    Each round takes the variants one after the other within a minute, so a drift in the
+    machine's background load lands on both sides of each round's ratio.
+    """
+    rates: dict[Served, dict[int, float]] = {a: {}, b: {}}
+    for p in points:
+        if p.variant in rates and p.mode == "closed" and p.users == users and p.images_per_s:
+            rates[p.variant][p.round] = p.images_per_s
+    ratios = [rates[a][r] / rates[b][r] for r in rates[a].keys() & rates[b].keys()]
+    return statistics.median(ratios) if ratios else None
+
+
 def lone(points: list[Point], variant: Served) -> Point | None:
     """The one-user point of `variant`."""
     return next((p for p in points if p.variant == variant and p.users == 1), None)
@@ -166,6 +181,7 @@ def summarize(
     single_ms = one.seconds.p50 * 1000 if one and one.seconds.p50 else None
     sat = plan.saturation_users
     at_sat = saturation(points, "system", sat)
+    sat_users = at_sat.users if at_sat else None
     system = _rate(at_sat)
     alone = lone(points, "system")
     unbatched = _rate(saturation(points, "unbatched", sat))
@@ -180,7 +196,8 @@ def summarize(
         system_vs_direct=_ratio(system, direct_rate),
         system_model_ms=_p50(at_sat, "model"),
         unbatched_images_per_s=unbatched,
-        batched_vs_unbatched=_ratio(system, unbatched),
+        batched_vs_unbatched=paired(points, "system", "unbatched", sat_users)
+        or _ratio(system, unbatched),
         lone_p50_ms=_p50(alone),
         lone_p50_minus_direct_ms=_minus(_p50(alone), single_ms),
         lone_model_p50_ms=_p50(alone, "model"),
@@ -190,7 +207,7 @@ def summarize(
         fixed_lone_p50_minus_direct_ms=_minus(_p50(lone(points, "fixed")), single_ms),
         peer_images_per_s=peer,
         peer_lone_p50_ms=_p50(lone(points, "peer")),
-        vs_litserve=_ratio(system, peer),
+        vs_litserve=paired(points, "system", "peer", sat_users) or _ratio(system, peer),
         system_vs_direct_per_core=_ratio(
             _per_core(at_sat), full.images_per_core_s if full else None
         ),
