@@ -297,7 +297,7 @@ class Suite:
         summary = summarize(plan, direct, self.points, burst)
         report = Report(
             created_at=created_now(),
-            command=sys.argv,
+            command=["dq", "bench", *sys.argv[1:]],
             plan=plan,
             machine=machine(),
             versions=versions(),

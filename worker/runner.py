@@ -116,7 +116,6 @@ class Runner:
             self.cond.notify_all()
         self.threads[0].join(timeout)
         self._wait_stored()
-        self.store_thread.shutdown()
         with self.cond:
             returned = [d for _, d, _ in self.inbox] + [p.handle for p in self.pending]
             self.inbox.clear()
