@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     lease_s: float = Field(30.0, gt=0)
     heartbeat_s: float = Field(5.0, gt=0)
     visibility_timeout_s: int = Field(600, ge=10)
+    # A queued job that no broker message names for this long (a worker killed in the instant
+    # between taking its message and kombu recording it) gets a new message from the reaper.
+    lost_message_s: float = Field(60.0, gt=0)
     idempotency_ttl_s: int = Field(DAY_S, ge=60)
 
     # The gateway.

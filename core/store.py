@@ -97,6 +97,15 @@ return {'ok', cur[1], cur[2]}
 """
 
 
+_REPUBLISH = """
+-- KEYS: job, broker list; ARGV: message
+-- A new message for a job still queued, at the front of the queue (where kombu restores).
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class JobRecord:
     """A job as the ledger holds it (the API adds URLs and queue position on read)."""
@@ -303,6 +312,12 @@ class JobStore:
         self.redis = redis
         self.ledger = ledger
         self._transition = redis.register_script(_TRANSITION)
+        self._republish = redis.register_script(_REPUBLISH)
+
+    def republish(self, job_id: str) -> bool:
+        """Send a still-queued job a new message (its own was lost); False if it left the queue."""
+        message = generate_message(job_id, self.ledger.queue)
+        return bool(self._republish([keys.job(job_id), self.ledger.queue], [message]))
 
     def get(self, job_id: str) -> JobRecord | None:
         """One job's record."""

@@ -71,6 +71,7 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[ControlLoop, Sc
         JobStore(redis, Ledger.of(settings)),
         max_attempts=settings.max_attempts,
         heartbeat_ttl_s=heartbeat_ttl,
+        lost_message_s=settings.lost_message_s,
     )
     policy = policy_of(settings, args)
     backend = backend_of(args.backend or settings.scaler_backend, settings)

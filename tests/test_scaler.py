@@ -7,6 +7,7 @@ zero, jobs lost, and how long an up-down-up cycle takes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from tests.conftest import (
     ROOT,
     Gateway,
     Scaler,
+    WorkerProcess,
     client_for,
     live_workers,
     settings_from,
@@ -397,3 +399,41 @@ def test_a_failing_tick_does_not_stop_the_loop(rclient: redis.Redis, redis_url: 
         loop.stop()
         runner.join(5)
     assert (backend.calls, rclient.get(keys.SCALER_LOCK)) == (2, None)  # lock released at stop
+
+
+def test_a_queued_job_whose_message_was_lost_gets_a_new_one(
+    env: dict[str, str],
+    rclient: redis.Redis,
+    client: httpx.Client,
+    worker_factory: Callable[..., WorkerProcess],
+) -> None:
+    store = JobStore(rclient, Ledger.of(settings_from(env)))
+    body = {"prompt": "lost and found", "width": 64, "height": 64, "steps": 2}
+    lost, listed, unacked = (client.post("/v1/jobs", json=body).json()["id"] for _ in range(3))
+    queue = store.ledger.queue
+    messages = {str(m) for m in rclient.lrange(queue, 0, -1)}
+    # The way kombu loses one: off the list, never written to `unacked` (the worker died between).
+    rclient.lrem(queue, 1, next(m for m in messages if lost in m))
+    # One a worker holds: in `unacked`, as kombu keeps it until the ack.
+    held = next(m for m in messages if unacked in m)
+    rclient.lrem(queue, 1, held)
+    rclient.hset(keys.UNACKED, "tag-1", json.dumps([json.loads(held), "", queue]))
+    old = time.time() - 100  # all three waited longer than the sweep's threshold
+    rclient.zadd(keys.QUEUED, {lost: old, listed: old, unacked: old})
+
+    reaper = Reaper(rclient, store, max_attempts=3, heartbeat_ttl_s=60, lost_message_s=0.3)
+    assert reaper.tick().republished == 0  # the first sweep that misses a job only notes it
+    assert reaper.tick().republished == 0  # and sweeps no more often than lost_message_s
+    time.sleep(0.35)
+    assert reaper.tick().republished == 1  # missed twice, lost_message_s apart: a new message
+    assert [m for m in rclient.lrange(queue, 0, -1) if lost in str(m)]
+    time.sleep(0.35)
+    assert reaper.tick().republished == 0  # it has one now
+    rclient.hdel(keys.UNACKED, "tag-1")  # let the worker have the held job's message back
+    rclient.rpush(queue, held)
+
+    worker_factory(env)
+    for job_id in (lost, listed, unacked):
+        done = wait_for(client, job_id)
+        assert (done["status"], done["metrics"]["attempts"]) == ("succeeded", 1)
+    assert not store.republish(lost)  # a job that left the queue is never sent again
