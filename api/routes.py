@@ -196,13 +196,24 @@ async def get_job(
     ] = 0,
 ) -> Response:
     """One job, with output URLs minted fresh; with `wait`, once it ends or the wait is over."""
-    with res.watcher.watch(job_id, TERMINAL) as waiter:
+    if wait > 0:
+        record, rank = await _until_ended(res, tenant, job_id, wait)
+    else:
         record, rank = await owned(res, tenant, job_id)
-        deadline = time.monotonic() + wait
+    return json_of(await render(res, record, rank, str(http.base_url)))
+
+
+async def _until_ended(
+    res: Resources, tenant: str, job_id: str, wait_s: float
+) -> tuple[JobRecord, int | None]:
+    """The job once it has ended, or as it is when `wait_s` is over (a long poll)."""
+    with res.watcher.watch(job_id, TERMINAL) as waiter:  # before the read: no change slips by
+        record, rank = await owned(res, tenant, job_id)
+        deadline = time.monotonic() + wait_s
         while not record.status.terminal and (left := deadline - time.monotonic()) > 0:
             await waiter.changed(left, subscribed=res.watcher.subscribed)
             record, rank = await owned(res, tenant, job_id)
-    return json_of(await render(res, record, rank, str(http.base_url)))
+    return record, rank
 
 
 @router.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
