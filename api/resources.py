@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from api.watch import Watcher
+from core import heartbeats
 from core.settings import Settings
 from core.storage import FileStore, S3Store, open_store
 from core.store import AsyncJobStore, Ledger
@@ -22,6 +25,40 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class Throughput:
+    """Images/s of all live workers, read from Redis at most once a second.
+
+    Every request for a queued job wants it (for the ETA); when the cached value expires, the
+    first of them reads it again and the others wait for that one read instead of each making
+    their own (a burst would otherwise open a Redis connection per waiting request).
+    """
+
+    def __init__(self, redis: Redis, live_within_s: float, max_age_s: float = 1.0) -> None:
+        self.redis, self.live_within_s, self.max_age_s = redis, live_within_s, max_age_s
+        self._value: float | None = None
+        self._at = float("-inf")
+        self._reading: asyncio.Future[float | None] | None = None
+
+    async def get(self) -> float | None:
+        """The sum of the live workers' measured images/s; None while none has measured any."""
+        if time.monotonic() - self._at <= self.max_age_s:
+            return self._value
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+        # Shielded: a request that goes away must not cancel the read the others wait for.
+        return await asyncio.shield(self._reading)
+
+    async def _read(self) -> float | None:
+        try:
+            beats = await heartbeats.live_async(self.redis, self.live_within_s)
+            rates = [b.images_per_s for b in beats if b.images_per_s]
+            self._value = sum(rates) if rates else None
+            self._at = time.monotonic()
+            return self._value
+        finally:
+            self._reading = None
+
+
 @dataclass
 class Resources:
     """The gateway's connections and lookups."""
@@ -32,7 +69,7 @@ class Resources:
     storage: S3Store | FileStore
     tenants: dict[str, str]  # sha256(key) -> tenant
     watcher: Watcher  # job changes pushed to waiting requests
-    cache: dict[str, tuple[float, object]] = field(default_factory=dict)
+    throughput: Throughput  # the workers' images/s, for queue ETAs
 
     @property
     def open(self) -> bool:
@@ -68,4 +105,6 @@ def build(settings: Settings) -> Resources:
         region=settings.s3_region,
     )
     jobs = AsyncJobStore(redis, Ledger.of(settings))
-    return Resources(settings, redis, jobs, storage, tenants, Watcher(settings.require_redis()))
+    throughput = Throughput(redis, settings.heartbeat_s * 3)
+    watcher = Watcher(settings.require_redis())
+    return Resources(settings, redis, jobs, storage, tenants, watcher, throughput)

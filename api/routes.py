@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 
 from api import views
-from api.deps import ResourcesDep, TenantDep
+from api.deps import CallerDep, ResourcesDep
 from api.resources import Resources
 from core import heartbeats, keys
 from core.deliveries import read_log
@@ -29,7 +29,16 @@ from core.errors import (
     ValidationFailed,
 )
 from core.events import EventType, WebhookSpec
-from core.jobs import MAX_SEED, Job, JobCreate, JobRequest, JobStatus, Metrics, new_job_id
+from core.jobs import (
+    MAX_SEED,
+    Job,
+    JobCreate,
+    JobRequest,
+    JobStatus,
+    Metrics,
+    Output,
+    new_job_id,
+)
 from core.storage import CONTENT_TYPES, FileStore
 from core.store import JobRecord
 from core.urlguard import check_url
@@ -70,24 +79,17 @@ class Redelivery(BaseModel):
     webhook_id: str
 
 
-async def throughput(res: Resources) -> float | None:
-    """Images/s of all live workers, cached for a second to keep reads cheap."""
-    at, value = res.cache.get("throughput", (0.0, None))
-    if time.monotonic() - at > 1.0:
-        beats = await heartbeats.live_async(res.redis, res.settings.heartbeat_s * 3)
-        rates = [b.images_per_s for b in beats if b.images_per_s]
-        value = sum(rates) if rates else None
-        res.cache["throughput"] = (time.monotonic(), value)
-    return value  # type: ignore[return-value]
-
-
-async def render(res: Resources, record: JobRecord, rank: int | None, base_url: str) -> Job:
+async def render(res: Resources, record: JobRecord, rank: int | None, http: Request) -> Job:
     """A record as the client sees it, with queue position and fresh URLs."""
     queue = None
     if record.status is JobStatus.QUEUED:
         ahead = (rank or 0) + record.request.num_images
-        queue = views.queue_info(rank, ahead, await throughput(res))
-    outputs = views.outputs_with_urls(record.outputs, res.storage, res.settings.url_ttl_s, base_url)
+        queue = views.queue_info(rank, ahead, await res.throughput.get())
+    outputs: list[Output] = []
+    if record.outputs:  # only local file links need the base URL, and parsing it costs
+        outputs = views.outputs_with_urls(
+            record.outputs, res.storage, res.settings.url_ttl_s, str(http.base_url)
+        )
     deliveries = await read_log(res.redis, record.id) if record.webhook else None
     return views.public_job(record, queue=queue, outputs=outputs, deliveries=deliveries)
 
@@ -132,11 +134,11 @@ async def owned(res: Resources, tenant: str, job_id: str) -> tuple[JobRecord, in
 async def submit(
     request: JobCreate,
     http: Request,
-    res: ResourcesDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Response:
     """Submit a job; answers 202 with the queued job at once."""
+    res, tenant = caller.res, caller.tenant
     await checked_webhook(res, tenant, request.webhook)
     asked = request.job_request()
     seeded = asked if asked.seed is not None else asked.seeded(secrets.randbelow(MAX_SEED))
@@ -158,7 +160,7 @@ async def submit(
         raise Unavailable("the queue is full; retry later", retry_after_s=10, code="queue_full")
     if outcome == "duplicate":
         record = await _replay(res, tenant, value, fingerprint(request))
-    job = await render(res, record, 0 if outcome == "created" else None, str(http.base_url))
+    job = await render(res, record, 0 if outcome == "created" else None, http)
     return json_of(job, 202, {"Location": f"/v1/jobs/{record.id}"})
 
 
@@ -183,8 +185,7 @@ MAX_WAIT_S = 60.0
 async def get_job(
     job_id: str,
     http: Request,
-    res: ResourcesDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     wait: Annotated[
         float,
         Query(
@@ -196,11 +197,12 @@ async def get_job(
     ] = 0,
 ) -> Response:
     """One job, with output URLs minted fresh; with `wait`, once it ends or the wait is over."""
+    res, tenant = caller.res, caller.tenant
     if wait > 0:
         record, rank = await _until_ended(res, tenant, job_id, wait)
     else:
         record, rank = await owned(res, tenant, job_id)
-    return json_of(await render(res, record, rank, str(http.base_url)))
+    return json_of(await render(res, record, rank, http))
 
 
 async def _until_ended(
@@ -219,13 +221,13 @@ async def _until_ended(
 @router.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
 async def list_jobs(
     http: Request,
-    res: ResourcesDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
 ) -> JobPage:
     """The caller's jobs, newest first, filtered by status, cursor-paginated."""
+    res, tenant = caller.res, caller.tenant
     before, skip = _decode_cursor(cursor)
     found: list[JobRecord] = []
     last: tuple[str, float] | None = None
@@ -244,8 +246,7 @@ async def list_jobs(
                 break
         before, skip = _advance(before, skip, last)
     more = len(found) == limit and last is not None
-    base = str(http.base_url)
-    jobs = [await render(res, r, None, base) for r in found]
+    jobs = [await render(res, r, None, http) for r in found]
     return JobPage(jobs=jobs, next_cursor=_encode_cursor(before, skip) if more else None)
 
 
@@ -275,8 +276,9 @@ def _decode_cursor(cursor: str | None) -> tuple[float, set[str]]:
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=["jobs"])
-async def cancel(job_id: str, http: Request, res: ResourcesDep, tenant: TenantDep) -> Job:
+async def cancel(job_id: str, http: Request, caller: CallerDep) -> Job:
     """Cancel: a queued job never runs; a running one is dropped from its batch."""
+    res, tenant = caller.res, caller.tenant
     record, _ = await owned(res, tenant, job_id)
     if record.status.terminal:
         raise Conflict(f"job {job_id} already {record.status.value}", code="already_finished")
@@ -285,7 +287,7 @@ async def cancel(job_id: str, http: Request, res: ResourcesDep, tenant: TenantDe
     except IllegalTransition as e:
         raise Conflict(f"job {job_id} already {e.current}", code="already_finished") from e
     record, rank = await owned(res, tenant, job_id)
-    return await render(res, record, rank, str(http.base_url))
+    return await render(res, record, rank, http)
 
 
 @router.post(
@@ -294,8 +296,9 @@ async def cancel(job_id: str, http: Request, res: ResourcesDep, tenant: TenantDe
     response_model=Redelivery,
     tags=["webhooks"],
 )
-async def redeliver(job_id: str, res: ResourcesDep, tenant: TenantDep) -> Redelivery:
+async def redeliver(job_id: str, caller: CallerDep) -> Redelivery:
     """Send the job's last webhook event again (same webhook-id, a new series of attempts)."""
+    res, tenant = caller.res, caller.tenant
     record, _ = await owned(res, tenant, job_id)
     if record.webhook is None:
         raise Conflict(f"job {job_id} has no webhook", code="no_webhook")
@@ -306,26 +309,23 @@ async def redeliver(job_id: str, res: ResourcesDep, tenant: TenantDep) -> Redeli
 
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"])
-async def events(
-    job_id: str, http: Request, res: ResourcesDep, tenant: TenantDep
-) -> StreamingResponse:
+async def events(job_id: str, http: Request, caller: CallerDep) -> StreamingResponse:
     """Server-Sent Events: the job each time its status, progress or queue position changes."""
+    res, tenant = caller.res, caller.tenant
     await owned(res, tenant, job_id)
-    return StreamingResponse(
-        _stream(res, tenant, job_id, str(http.base_url)), media_type="text/event-stream"
-    )
+    return StreamingResponse(_stream(res, tenant, job_id, http), media_type="text/event-stream")
 
 
 QUEUED_REREAD_S = 1.0  # how often a stream re-reads a queued job's position
 KEEPALIVE_S = 15.0  # a comment line this often keeps idle proxies from closing the stream
 
 
-async def _stream(res: Resources, tenant: str, job_id: str, base: str) -> AsyncIterator[str]:
+async def _stream(res: Resources, tenant: str, job_id: str, http: Request) -> AsyncIterator[str]:
     last, quiet_since = "", time.monotonic()
     with res.watcher.watch(job_id) as waiter:
         while True:
             record, rank = await owned(res, tenant, job_id)
-            job = await render(res, record, rank, base)
+            job = await render(res, record, rank, http)
             state = job.model_dump_json(include={"status", "progress", "queue"})
             if state != last:
                 last, quiet_since = state, time.monotonic()
@@ -341,8 +341,9 @@ async def _stream(res: Resources, tenant: str, job_id: str, base: str) -> AsyncI
 
 
 @router.get("/v1/queue", response_model=QueueStatus, tags=["queue"])
-async def queue(res: ResourcesDep, _: TenantDep) -> QueueStatus:
+async def queue(caller: CallerDep) -> QueueStatus:
     """Depth, running jobs, live workers, measured throughput and the wait for a new job."""
+    res = caller.res
     queued, running = await res.jobs.counts()
     beats = await heartbeats.live_async(res.redis, res.settings.heartbeat_s * 3)
     rates = [b.images_per_s for b in beats if b.images_per_s]

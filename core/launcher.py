@@ -44,13 +44,18 @@ class Child:
     name: str
     argv: list[str]
     stop_timeout_s: float
+    pass_fds: tuple[int, ...] = ()  # file descriptors the process inherits (listening sockets)
     process: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
 
     def start(self, env: dict[str, str]) -> None:
         """Start (or restart) the process in its own session, so Ctrl-C reaches only us."""
         self.process = subprocess.Popen(
-            self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent
+            self.argv,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            pass_fds=self.pass_fds,
         )
         log.info("started %s (pid %d)", self.name, self.process.pid)
 

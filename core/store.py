@@ -18,6 +18,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from core import keys
+from core.coalesce import ScriptBatcher
 from core.errors import IllegalTransition
 from core.events import DeliveryOrder, EventType, WebhookSpec, event_entering, webhook_id
 from core.jobs import (
@@ -393,7 +394,7 @@ class AsyncJobStore:
     def __init__(self, redis: AsyncRedis, ledger: Ledger) -> None:
         self.redis = redis
         self.ledger = ledger
-        self._submit = redis.register_script(_SUBMIT)
+        self._submit = ScriptBatcher(redis, _SUBMIT)
         self._transition = redis.register_script(_TRANSITION)
 
     async def submit(
