@@ -11,6 +11,7 @@ landed on one of two processes about half the time, which then ran at its limit 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -37,7 +38,25 @@ def factory() -> FastAPI:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    return create_app(settings)
+    app = create_app(settings)
+    quiet_collector()
+    return app
+
+
+GC_GEN0_THRESHOLD = 5_000  # Python's default is 700
+
+
+def quiet_collector() -> None:
+    """Keep the cyclic garbage collector from pausing requests.
+
+    The ~80,000 objects imported and built at startup live as long as the process, yet every full
+    collection walked them all: 45-85 ms with no request served, about once a second in a burst
+    (measured under 1,500 submits/s). Frozen, they are never walked again. Young collections run
+    about 7x less often: a submit makes many short-lived objects that reference counting frees.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def options(host: str, port: int) -> dict[str, Any]:
