@@ -51,8 +51,7 @@ class Throughput:
     async def _read(self) -> float | None:
         try:
             beats = await heartbeats.live_async(self.redis, self.live_within_s)
-            rates = [b.images_per_s for b in beats if b.images_per_s]
-            self._value = sum(rates) if rates else None
+            self._value = heartbeats.images_per_s(beats)
             self._at = time.monotonic()
             return self._value
         finally:

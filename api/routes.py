@@ -346,8 +346,7 @@ async def queue(caller: CallerDep) -> QueueStatus:
     res = caller.res
     queued, running = await res.jobs.counts()
     beats = await heartbeats.live_async(res.redis, res.settings.heartbeat_s * 3)
-    rates = [b.images_per_s for b in beats if b.images_per_s]
-    rate = sum(rates) if rates else None
+    rate = heartbeats.images_per_s(beats)
     eta = round((queued + 1) / rate, 2) if rate else None
     decided = await heartbeats.scaler_status_async(res.redis)
     scaler = ScalerView.model_validate(decided.model_dump()) if decided else None

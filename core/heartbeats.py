@@ -67,6 +67,12 @@ def live(redis: Redis, ttl_s: float) -> list[WorkerBeat]:
     return _parse(redis.mget([keys.worker(str(n)) for n in names]))
 
 
+def images_per_s(beats: list[WorkerBeat]) -> float | None:
+    """The workers' measured throughput together; None while none has measured any."""
+    rates = [b.images_per_s for b in beats if b.images_per_s]
+    return sum(rates) if rates else None
+
+
 async def live_async(redis: AsyncRedis, ttl_s: float) -> list[WorkerBeat]:
     """Heartbeats of workers seen within `ttl_s` (for the gateway)."""
     names = await redis.zrangebyscore(keys.WORKERS, time.time() - ttl_s, "+inf")
