@@ -85,6 +85,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=_variants, help=f"variants to run, of {','.join(VARIANTS)}")
     p.add_argument("--skip", type=_variants, help="variants not to run")
     p.add_argument("--gpu-batches", type=_list(int), help="GPU mode batch sizes, e.g. 1,4,8")
+    p.add_argument(
+        "--no-compile",
+        dest="gpu_compile",
+        action="store_const",
+        const=False,
+        help="GPU mode: skip the torch.compile figures",
+    )
     return p
 
 

@@ -4,7 +4,9 @@ Direct: batch 1/4/8, eager and with the UNet under `torch.compile` (each batch s
 the compilation, is reported apart). System: one worker per max batch size, closed loop with a lone
 user and with two batches' worth of users, and at the largest batch the 40 users the target names.
 The worker has no compile switch, so the system is compared with the eager direct figures. On a
-machine without CUDA it says so and writes nothing.
+machine without CUDA it says so and writes nothing, unless told `--device cpu`: then it runs the
+same steps on the CPU (with `--model tiny` and small settings, in seconds), which checks the mode
+itself, not any card.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from bench.cpu import Meter
 from bench.direct import Direct, DirectResult
 from bench.generator import LoadGenerator
 from bench.load import LoadSpec
-from bench.machine import Machine, Versions, machine, versions
+from bench.machine import Machine, Versions, cpu_name, machine, versions
 from bench.plan import Plan
 from bench.points import Point, point_of
 from bench.report import Target, created_now
@@ -178,17 +180,23 @@ def _floor(name: str, value: float | None, floor: float) -> Target:
 def run_gpu(plan: Plan) -> int:
     """Measure on the CUDA card, or explain why not; the process exit code."""
     began = time.monotonic()
-    card = cuda_card()
-    if card is None:
-        log.warning("GPU mode skipped: torch sees no CUDA device here; run it on a CUDA machine")
+    on_cpu = plan.device == "cpu"
+    gpu = None if on_cpu else cuda_card()
+    if gpu is None and not on_cpu:
+        log.warning(
+            "GPU mode skipped: torch sees no CUDA device here; run it on a CUDA machine "
+            "(or with --device cpu to check the mode on this one)"
+        )
         return 0
+    card = gpu or f"cpu: {cpu_name()}"
     eager = measure_direct(plan, compiled=False)
     compiled, error = None, None
-    try:
-        compiled = measure_direct(plan, compiled=True)
-    except BenchError as e:  # a compile failure must not lose the eager and system figures
-        error = e.message
-        log.warning("torch.compile run failed: %s", error)
+    if plan.gpu_compile:
+        try:
+            compiled = measure_direct(plan, compiled=True)
+        except BenchError as e:  # a compile failure must not lose the eager and system figures
+            error = e.message
+            log.warning("torch.compile run failed: %s", error)
     load = LoadGenerator().start()
     try:
         system = [measure_system(plan, b, eager, load) for b in plan.gpu_batches]
@@ -199,7 +207,7 @@ def run_gpu(plan: Plan) -> int:
         command=sys.argv,
         plan=plan,
         card=card,
-        machine=machine(gpu=card),
+        machine=machine(gpu=gpu),
         versions=versions(),
         direct_eager=eager,
         direct_compiled=compiled,

@@ -55,6 +55,7 @@ class Plan(BaseModel):
 
     variants: tuple[Variant, ...] = VARIANTS
     gpu_batches: tuple[int, ...] = (1, 4, 8)
+    gpu_compile: bool = True  # GPU mode: also time the UNet under torch.compile
 
     @property
     def saturation_users(self) -> int:

@@ -178,3 +178,68 @@ def test_percentiles_interpolate() -> None:
     assert (s.n, s.min, s.p50, s.max) == (3, 1000.0, 2000.0, 3000.0)
     assert spread([]).p50 is None
     assert math.isclose(s.mean or 0, 2000.0)
+
+
+GPU_ON_CPU = [
+    "--gpu",
+    "--device=cpu",
+    "--model=tiny",
+    "--dtype=fp32",
+    "--size=64",
+    "--steps=2",
+    "--threads=1",
+    "--gpu-batches=1,2",
+    "--duration=2.5",
+    "--warmup=1",
+    "--repeats=2",
+    "--no-compile",
+]
+
+
+@pytest.mark.slow
+def test_gpu_mode_runs_its_steps_on_the_cpu_when_told(tmp_path: Path, model_cache: Path) -> None:
+    assert main([*GPU_ON_CPU, f"--out={tmp_path}", f"--model-cache={model_cache}"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["card"].startswith("cpu: ")
+    assert report["machine"]["gpu"] is None
+    eager = report["direct_eager"]
+    assert [p["batch_size"] for p in eager["points"]] == [1, 2]
+    assert (report["direct_compiled"], report["compile_error"]) == (None, None)
+    # Each max batch size: a lone user and two batches' worth; the largest also the 40 users.
+    by_batch = {s["max_batch_size"]: s for s in report["system"]}
+    assert {b: [p["users"] for p in s["points"]] for b, s in by_batch.items()} == {
+        1: [1, 2],
+        2: [1, 4, 40],
+    }
+    for s in report["system"]:
+        best = max(p["images_per_s"] for p in s["points"])
+        direct = next(p for p in eager["points"] if p["batch_size"] == s["max_batch_size"])
+        assert s["vs_direct_eager"] == pytest.approx(best / direct["images_per_s"])
+        for p in s["points"]:
+            assert p["counts"]["succeeded"] > 0
+            assert p["errors"] == []
+            assert p["counts"]["jobs_in_calls"] == p["counts"]["succeeded"]
+    targets = {t["name"]: t for t in report["targets"]}
+    assert set(targets) == {
+        "system_vs_direct_batch2",
+        "batch2_vs_batch1_eager",
+        "eager_images_per_s_batch2",
+        "compiled_images_per_s_batch2",
+        "e2e_p99_ms_at_40_users",
+    }
+    assert targets["compiled_images_per_s_batch2"]["met"] is None
+    crowd = by_batch[2]["points"][2]["stages_ms"]["e2e"]["p99"]
+    assert targets["e2e_p99_ms_at_40_users"]["value"] == pytest.approx(crowd)
+
+
+def test_gpu_mode_without_cuda_says_so_and_writes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with caplog.at_level("WARNING"):
+        assert main(["--gpu", f"--out={tmp_path}"]) == 0
+    assert "torch sees no CUDA device" in caplog.text
+    assert not (tmp_path / "report.json").exists()
