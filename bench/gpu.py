@@ -5,8 +5,8 @@ the compilation, is reported apart). System: one worker per max batch size, clos
 user and with two batches' worth of users, and at the largest batch the 40 users the target names.
 The worker has no compile switch, so the system is compared with the eager direct figures. On a
 machine without CUDA it says so and writes nothing, unless told `--device cpu`: then it runs the
-same steps on the CPU (with `--model tiny` and small settings, in seconds), which checks the mode
-itself, not any card.
+same steps on the CPU (with `--model tiny` and small settings, in under a minute), which checks
+the mode itself, not any card.
 """
 
 from __future__ import annotations
