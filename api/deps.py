@@ -12,10 +12,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.resources import Resources, hash_key
-from core.errors import Unauthorized
-
-PUBLIC_TENANT = "public"
+from api.keys import PUBLIC
+from api.resources import Resources
+from core.errors import Forbidden, Unauthorized
+from core.tenants import Identity, Role
 
 
 def resources_of(request: Request) -> Resources:
@@ -34,22 +34,50 @@ ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is asking (the tenant their bearer key belongs to), and what to answer with."""
+    """Who is asking (the identity their bearer key belongs to), and what to answer with."""
 
     res: Resources
-    tenant: str
+    identity: Identity
+
+    @property
+    def tenant(self) -> str:
+        """The caller's tenant."""
+        return self.identity.tenant
+
+    @property
+    def admin(self) -> bool:
+        """Whether the caller's key has the admin role."""
+        return self.identity.role is Role.ADMIN
+
+
+async def authenticate(resources: Resources, authorization: str) -> Identity | None:
+    """The identity behind an Authorization header; None without a valid key."""
+    if await resources.keys.is_open():
+        return PUBLIC
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return await resources.keys.identify(key.strip())
 
 
 async def get_caller(request: Request) -> Caller:
-    """The tenant behind the bearer key; 401 without a valid one (unless the API is open)."""
+    """The caller behind the bearer key; 401 without a valid one (unless the API is open)."""
     resources = resources_of(request)
-    if resources.open:
-        return Caller(resources, PUBLIC_TENANT)
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    tenant = resources.tenants.get(hash_key(key.strip())) if scheme.lower() == "bearer" else None
-    if tenant is None:
+    identity = await authenticate(resources, request.headers.get("authorization", ""))
+    if identity is None:
         raise Unauthorized("send a valid key as 'Authorization: Bearer <key>'")
-    return Caller(resources, tenant)
+    return Caller(resources, identity)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def get_admin(request: Request) -> Caller:
+    """A caller whose key has the admin role; 403 for a user key."""
+    caller = await get_caller(request)
+    if not caller.admin:
+        raise Forbidden("this needs an admin key")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(get_admin)]

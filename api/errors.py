@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
-from core.errors import ServiceError, Unauthorized, Unavailable, ValidationFailed
+from core.errors import LimitExceeded, ServiceError, Unauthorized, Unavailable, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,13 @@ def _service_error(_: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, ValidationFailed):
         extra["field"] = exc.field
+    if isinstance(exc, LimitExceeded):
+        retry = max(1, math.ceil(exc.retry_after_s))
+        name = exc.policy.split(";")[0]
+        headers["Retry-After"] = str(retry)
+        headers["RateLimit-Policy"] = exc.policy
+        headers["RateLimit"] = f"{name};r={max(0, math.floor(exc.remaining))};t={retry}"
+        extra.update(limit=exc.limit, retry_after_s=round(exc.retry_after_s, 3))
     return JSONResponse(body(exc.code, exc.message, **extra), exc.status, headers=headers)
 
 

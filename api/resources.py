@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
@@ -11,18 +10,15 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from api.keys import Keys
 from api.watch import Watcher
 from core import heartbeats
 from core.settings import Settings
 from core.storage import FileStore, S3Store, open_store
 from core.store import AsyncJobStore, Ledger
+from core.tenants import AsyncKeyStore, TenantLimits, static_identities
 
 log = logging.getLogger(__name__)
-
-
-def hash_key(key: str) -> str:
-    """Keys are kept only as SHA-256 digests."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Throughput:
@@ -36,6 +32,7 @@ class Throughput:
     def __init__(self, redis: Redis, live_within_s: float, max_age_s: float = 1.0) -> None:
         self.redis, self.live_within_s, self.max_age_s = redis, live_within_s, max_age_s
         self._value: float | None = None
+        self._units: float | None = None
         self._at = float("-inf")
         self._reading: asyncio.Future[float | None] | None = None
 
@@ -48,10 +45,16 @@ class Throughput:
         # Shielded: a request that goes away must not cancel the read the others wait for.
         return await asyncio.shield(self._reading)
 
+    async def units(self) -> float | None:
+        """The sum of the live workers' measured work units per second."""
+        await self.get()
+        return self._units
+
     async def _read(self) -> float | None:
         try:
             beats = await heartbeats.live_async(self.redis, self.live_within_s)
             self._value = heartbeats.images_per_s(beats)
+            self._units = heartbeats.units_per_s(beats)
             self._at = time.monotonic()
             return self._value
         finally:
@@ -66,14 +69,10 @@ class Resources:
     redis: Redis
     jobs: AsyncJobStore
     storage: S3Store | FileStore
-    tenants: dict[str, str]  # sha256(key) -> tenant
+    keys: Keys  # who a bearer key belongs to, and each tenant's limits
     watcher: Watcher  # job changes pushed to waiting requests
-    throughput: Throughput  # the workers' images/s, for queue ETAs
-
-    @property
-    def open(self) -> bool:
-        """No keys configured: every caller is the `public` tenant."""
-        return not self.tenants
+    throughput: Throughput  # the workers' images/s and units/s, for queue ETAs
+    model: str  # the model jobs run on unless they name another
 
 
 def url_secret(settings: Settings) -> bytes:
@@ -94,9 +93,7 @@ def build(settings: Settings) -> Resources:
         health_check_interval=30,
         max_connections=512,
     )
-    tenants = {hash_key(k): t for k, t in settings.tenants().items()}
-    if not tenants:
-        log.warning("DQ_API_KEYS is empty: the API is OPEN, anyone who reaches it can submit jobs")
+    static = static_identities(settings)
     storage = open_store(
         settings.storage,
         secret=url_secret(settings),
@@ -106,4 +103,9 @@ def build(settings: Settings) -> Resources:
     jobs = AsyncJobStore(redis, Ledger.of(settings))
     throughput = Throughput(redis, settings.heartbeat_s * 3)
     watcher = Watcher(settings.require_redis())
-    return Resources(settings, redis, jobs, storage, tenants, watcher, throughput)
+    defaults = TenantLimits.of(settings)
+    keys_ = Keys(static, AsyncKeyStore(redis), defaults, lambda: watcher.subscribed)
+    watcher.on_keys = keys_.changed
+    return Resources(
+        settings, redis, jobs, storage, keys_, watcher, throughput, settings.model_name
+    )

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -16,16 +17,17 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 
 from api import views
-from api.deps import CallerDep, ResourcesDep
+from api.deps import Caller, CallerDep, ResourcesDep
 from api.resources import Resources
 from core import heartbeats, keys
 from core.deliveries import read_log
 from core.errors import (
     Conflict,
-    IllegalTransition,
+    LimitExceeded,
     NotFound,
     StorageError,
     Unavailable,
+    UnreadableRecord,
     ValidationFailed,
 )
 from core.events import EventType, WebhookSpec
@@ -37,12 +39,15 @@ from core.jobs import (
     JobStatus,
     Metrics,
     Output,
+    QueueInfo,
     new_job_id,
 )
 from core.storage import CONTENT_TYPES, FileStore
-from core.store import JobRecord
+from core.store import Admission, Change, JobRecord, Place, Unreadable
+from core.tenants import TenantLimits, signing_secrets
 from core.urlguard import check_url
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -79,12 +84,12 @@ class Redelivery(BaseModel):
     webhook_id: str
 
 
-async def render(res: Resources, record: JobRecord, rank: int | None, http: Request) -> Job:
+async def render(res: Resources, record: JobRecord, place: Place | None, http: Request) -> Job:
     """A record as the client sees it, with queue position and fresh URLs."""
     queue = None
-    if record.status is JobStatus.QUEUED:
-        ahead = (rank or 0) + record.request.num_images
-        queue = views.queue_info(rank, ahead, await res.throughput.get())
+    if record.status is JobStatus.QUEUED and place is not None:
+        units_per_s = await res.throughput.units()
+        queue = views.queue_info(place.jobs_ahead, place.units_ahead + record.units, units_per_s)
     outputs: list[Output] = []
     if record.outputs:  # only local file links need the base URL, and parsing it costs
         outputs = views.outputs_with_urls(
@@ -107,9 +112,9 @@ async def checked_webhook(res: Resources, tenant: str, spec: WebhookSpec | None)
     """Refuse a webhook this server cannot sign or must not call (the guard runs again at send)."""
     if spec is None:
         return
-    if not res.settings.webhook_signing_secrets(tenant):
+    if not signing_secrets(res.settings, tenant, None):
         raise ValidationFailed(
-            "webhooks are not enabled on this server: its operator must set DQ_WEBHOOK_SECRET",
+            "webhooks are not enabled on this server: its operator must set DQ_SECRET_KEY",
             field="webhook",
             code="webhooks_disabled",
         )
@@ -122,12 +127,19 @@ def json_of(job: Job, status: int = 200, headers: dict[str, str] | None = None) 
     return Response(job.model_dump_json(), status, headers, media_type="application/json")
 
 
-async def owned(res: Resources, tenant: str, job_id: str) -> tuple[JobRecord, int | None]:
-    """A tenant's job and its queue rank; another tenant's job is not found."""
-    record, rank = await res.jobs.get(job_id)
-    if record is None or record.tenant != tenant:
+async def owned(caller: Caller, job_id: str) -> tuple[JobRecord, Place | None]:
+    """A caller's job and, while queued, its place; another tenant's job is not found (an admin
+    sees every job). A record that cannot be read is quarantined: the job fails, and is shown.
+    """
+    res = caller.res
+    try:
+        record, place = await res.jobs.get(job_id)
+    except UnreadableRecord:
+        await res.jobs.quarantine(job_id)
+        record, place = await res.jobs.get(job_id)
+    if record is None or (record.tenant != caller.tenant and not caller.admin):
         raise NotFound(f"no job {job_id}")
-    return record, rank
+    return record, place
 
 
 @router.post("/v1/jobs", status_code=202, response_model=Job, tags=["jobs"])
@@ -139,8 +151,9 @@ async def submit(
 ) -> Response:
     """Submit a job; answers 202 with the queued job at once."""
     res, tenant = caller.res, caller.tenant
+    limits = await res.keys.limits(tenant)
+    asked = admissible(request.job_request(), limits, res)
     await checked_webhook(res, tenant, request.webhook)
-    asked = request.job_request()
     seeded = asked if asked.seed is not None else asked.seeded(secrets.randbelow(MAX_SEED))
     record = JobRecord(
         id=new_job_id(),
@@ -149,22 +162,90 @@ async def submit(
         attempt=0,
         created_at=time.time(),
         request=seeded,
+        model=seeded.model or res.model,
+        priority=seeded.priority,
+        units=seeded.units,
         metrics=Metrics(),
         webhook=request.webhook,
     )
     idem = None
     if idempotency_key:
         idem = (keys.idempotency(tenant, idempotency_key), f"{record.id} {fingerprint(request)}")
-    outcome, value = await res.jobs.submit(record, idem)
-    if outcome == "full":
+    admission = await res.jobs.submit(record, limits=limits.admission(), idempotency=idem)
+    if admission.outcome == "full":
         raise Unavailable("the queue is full; retry later", retry_after_s=10, code="queue_full")
-    if outcome == "duplicate":
-        record = await _replay(res, tenant, value, fingerprint(request))
-    job = await render(res, record, 0 if outcome == "created" else None, http)
+    if admission.outcome == "limited":
+        raise limit_error(admission, limits)
+    if admission.outcome == "duplicate":
+        record = await _replay(caller, admission.value, fingerprint(request))
+        place = None
+    else:
+        place = Place(False, (admission.position or 1) - 1, admission.units_ahead)
+    job = await accepted(res, record, place, http)
     return json_of(job, 202, {"Location": f"/v1/jobs/{record.id}"})
 
 
-async def _replay(res: Resources, tenant: str, stored: str, fp: str) -> JobRecord:
+async def accepted(res: Resources, record: JobRecord, place: Place | None, http: Request) -> Job:
+    """The job as just admitted. It is recorded: nothing here may turn the 202 into an error, so
+    what is not essential (the ETA, the delivery log) is left out if it cannot be had.
+    """
+    try:
+        return await render(res, record, place, http)
+    except Exception:
+        log.exception("job %s: admitted, answered without its queue details", record.id)
+        queue = None if place is None else QueueInfo(position=place.jobs_ahead + 1, eta_s=None)
+        return views.public_job(record, queue=queue, outputs=[])
+
+
+def admissible(asked: JobRequest, limits: TenantLimits, res: Resources) -> JobRequest:
+    """The request as it will run, or a 422 naming the field or limit that refuses it."""
+    if asked.model is not None and asked.model != res.model:
+        raise ValidationFailed(
+            f"no model {asked.model!r} here: use {res.model!r} (GET /v1/models lists them)",
+            field="model",
+            code="unknown_model",
+        )
+    pixels = asked.width * asked.height
+    if pixels > res.settings.max_batch_pixels:
+        raise ValidationFailed(
+            f"width x height is {pixels} pixels; this deployment runs at most "
+            f"{res.settings.max_batch_pixels} per image",
+            field="width",
+            code="too_large",
+        )
+    if limits.max_job_units and asked.units > limits.max_job_units:
+        raise ValidationFailed(
+            f"the job is {asked.units:.2f} work units; your key may submit at most "
+            f"{limits.max_job_units:g} per job (fewer images, steps or pixels)",
+            field="body",
+            code="job_too_large",
+        )
+    capped = CLASS_RANK[asked.priority] < CLASS_RANK[limits.max_priority]
+    return asked.model_copy(update={"priority": limits.max_priority}) if capped else asked
+
+
+CLASS_RANK = {klass: i for i, klass in enumerate(keys.CLASSES)}  # 0 = served first
+
+
+def limit_error(admission: Admission, limits: TenantLimits) -> LimitExceeded:
+    """The 429 for a limit the submit script hit, with the IETF RateLimit policy it enforces."""
+    name, retry = admission.limit, admission.retry_after_s
+    if name == "rate":
+        window = max(1, round(limits.burst / limits.rate)) if limits.rate else 1
+        policy = f'"rate";q={limits.burst};w={window}'
+        message = f"over {limits.rate:g} submits/s (burst {limits.burst}); retry in {retry:.1f} s"
+    elif name == "quota":
+        policy = f'"quota";q={limits.quota_units:g};w={round(limits.quota_window_s)}'
+        message = f"over the quota of {limits.quota_units:g} work units per window"
+    else:
+        policy = f'"max_queued";q={limits.max_queued}'
+        message = f"already {limits.max_queued} jobs queued; wait for some to run"
+    return LimitExceeded(
+        message, limit=name, retry_after_s=retry, policy=policy, remaining=admission.remaining
+    )
+
+
+async def _replay(caller: Caller, stored: str, fp: str) -> JobRecord:
     """The job an earlier submission with the same Idempotency-Key created."""
     job_id, _, stored_fp = stored.partition(" ")
     if stored_fp != fp:
@@ -173,7 +254,7 @@ async def _replay(res: Resources, tenant: str, stored: str, fp: str) -> JobRecor
             field="Idempotency-Key",
             code="idempotency_mismatch",
         )
-    record, _ = await owned(res, tenant, job_id)
+    record, _ = await owned(caller, job_id)
     return record
 
 
@@ -197,25 +278,26 @@ async def get_job(
     ] = 0,
 ) -> Response:
     """One job, with output URLs minted fresh; with `wait`, once it ends or the wait is over."""
-    res, tenant = caller.res, caller.tenant
+    res = caller.res
     if wait > 0:
-        record, rank = await _until_ended(res, tenant, job_id, wait)
+        record, place = await _until_ended(caller, job_id, wait)
     else:
-        record, rank = await owned(res, tenant, job_id)
-    return json_of(await render(res, record, rank, http))
+        record, place = await owned(caller, job_id)
+    return json_of(await render(res, record, place, http))
 
 
 async def _until_ended(
-    res: Resources, tenant: str, job_id: str, wait_s: float
-) -> tuple[JobRecord, int | None]:
+    caller: Caller, job_id: str, wait_s: float
+) -> tuple[JobRecord, Place | None]:
     """The job once it has ended, or as it is when `wait_s` is over (a long poll)."""
+    res = caller.res
     with res.watcher.watch(job_id, TERMINAL) as waiter:  # before the read: no change slips by
-        record, rank = await owned(res, tenant, job_id)
+        record, place = await owned(caller, job_id)
         deadline = time.monotonic() + wait_s
         while not record.status.terminal and (left := deadline - time.monotonic()) > 0:
             await waiter.changed(left, subscribed=res.watcher.subscribed)
-            record, rank = await owned(res, tenant, job_id)
-    return record, rank
+            record, place = await owned(caller, job_id)
+    return record, place
 
 
 @router.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
@@ -236,7 +318,7 @@ async def list_jobs(
         rows = [r for r in rows if r[0] not in skip]
         if not rows:
             break
-        records = await res.jobs.get_many([job_id for job_id, _ in rows])
+        records = await readable(res, [job_id for job_id, _ in rows])
         await res.jobs.forget(tenant, [j for (j, _), r in zip(rows, records, strict=True) if not r])
         for row, record in zip(rows, records, strict=True):
             last = row
@@ -248,6 +330,17 @@ async def list_jobs(
     more = len(found) == limit and last is not None
     jobs = [await render(res, r, None, http) for r in found]
     return JobPage(jobs=jobs, next_cursor=_encode_cursor(before, skip) if more else None)
+
+
+async def readable(res: Resources, job_ids: list[str]) -> list[JobRecord | None]:
+    """Records of a page; one that cannot be read is quarantined and read again."""
+    records = await res.jobs.get_many(job_ids)
+    bad = [r.job_id for r in records if isinstance(r, Unreadable)]
+    for job_id in bad:
+        await res.jobs.quarantine(job_id)
+    if bad:
+        records = await res.jobs.get_many(job_ids)
+    return [r if isinstance(r, JobRecord) else None for r in records]
 
 
 def _advance(
@@ -278,16 +371,15 @@ def _decode_cursor(cursor: str | None) -> tuple[float, set[str]]:
 @router.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=["jobs"])
 async def cancel(job_id: str, http: Request, caller: CallerDep) -> Job:
     """Cancel: a queued job never runs; a running one is dropped from its batch."""
-    res, tenant = caller.res, caller.tenant
-    record, _ = await owned(res, tenant, job_id)
+    res = caller.res
+    record, _ = await owned(caller, job_id)
     if record.status.terminal:
         raise Conflict(f"job {job_id} already {record.status.value}", code="already_finished")
-    try:
-        await res.jobs.transition(job_id, JobStatus.CANCELED, finished_at=time.time())
-    except IllegalTransition as e:
-        raise Conflict(f"job {job_id} already {e.current}", code="already_finished") from e
-    record, rank = await owned(res, tenant, job_id)
-    return await render(res, record, rank, http)
+    applied = await res.jobs.change(Change("cancel", job_id, fields={"finished_at": time.time()}))
+    if not applied.ok:
+        raise Conflict(f"job {job_id} already {applied.before}", code="already_finished")
+    record, place = await owned(caller, job_id)
+    return await render(res, record, place, http)
 
 
 @router.post(
@@ -298,8 +390,8 @@ async def cancel(job_id: str, http: Request, caller: CallerDep) -> Job:
 )
 async def redeliver(job_id: str, caller: CallerDep) -> Redelivery:
     """Send the job's last webhook event again (same webhook-id, a new series of attempts)."""
-    res, tenant = caller.res, caller.tenant
-    record, _ = await owned(res, tenant, job_id)
+    res = caller.res
+    record, _ = await owned(caller, job_id)
     if record.webhook is None:
         raise Conflict(f"job {job_id} has no webhook", code="no_webhook")
     order = await res.jobs.redeliver(job_id)
@@ -311,21 +403,21 @@ async def redeliver(job_id: str, caller: CallerDep) -> Redelivery:
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"])
 async def events(job_id: str, http: Request, caller: CallerDep) -> StreamingResponse:
     """Server-Sent Events: the job each time its status, progress or queue position changes."""
-    res, tenant = caller.res, caller.tenant
-    await owned(res, tenant, job_id)
-    return StreamingResponse(_stream(res, tenant, job_id, http), media_type="text/event-stream")
+    await owned(caller, job_id)
+    return StreamingResponse(_stream(caller, job_id, http), media_type="text/event-stream")
 
 
 QUEUED_REREAD_S = 1.0  # how often a stream re-reads a queued job's position
 KEEPALIVE_S = 15.0  # a comment line this often keeps idle proxies from closing the stream
 
 
-async def _stream(res: Resources, tenant: str, job_id: str, http: Request) -> AsyncIterator[str]:
+async def _stream(caller: Caller, job_id: str, http: Request) -> AsyncIterator[str]:
+    res = caller.res
     last, quiet_since = "", time.monotonic()
     with res.watcher.watch(job_id) as waiter:
         while True:
-            record, rank = await owned(res, tenant, job_id)
-            job = await render(res, record, rank, http)
+            record, place = await owned(caller, job_id)
+            job = await render(res, record, place, http)
             state = job.model_dump_json(include={"status", "progress", "queue"})
             if state != last:
                 last, quiet_since = state, time.monotonic()

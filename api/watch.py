@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -61,6 +61,8 @@ class Watcher:
         )
         self.waiters: dict[str, set[Waiter]] = {}
         self.subscribed = False
+        # Called when the key store announces a change (and on every resubscription).
+        self.on_keys: Callable[[], None] = lambda: None
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -105,12 +107,17 @@ class Watcher:
         while True:
             try:
                 async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(keys.CHANGES)
+                    await pubsub.subscribe(keys.CHANGES, keys.KEY_CHANGES)
                     self.subscribed, pause = True, RECONNECT_S[0]
                     self._wake_all()  # whatever changed while unsubscribed was not heard
+                    self.on_keys()
                     while True:
                         message = await pubsub.get_message(timeout=FALLBACK_S)
-                        if message is not None and message["type"] == "message":
+                        if message is None or message["type"] != "message":
+                            continue
+                        if message["channel"] == keys.KEY_CHANGES:
+                            self.on_keys()
+                        else:
                             self.dispatch(message["data"])
             except (RedisError, OSError) as e:
                 if self.subscribed:

@@ -57,13 +57,18 @@ def base_env(plan: Plan, work: Path) -> dict[str, str]:
         "DQ_MODEL": plan.model,
         "DQ_MODEL_CACHE": str(plan.model_cache),
         "DQ_DATA_DIR": str(work / "data"),
-        "DQ_SECRET_KEY": "bench-secret",
+        "DQ_SECRET_KEY": "bench-secret-for-local-urls-only",
         "DQ_API_KEYS": f"bench:{API_KEY}",
         "DQ_LOG_LEVEL": "WARNING",
         "DQ_HEARTBEAT_S": "1",  # a worker is seen ready within a second of loading
         "DQ_MAX_BATCH_SIZE": str(plan.batch),
         "DQ_BATCH_TIMEOUT_S": str(plan.batch_timeout_s),
         "DQ_EARLY_FLUSH": "true",
+        # The load generator is one tenant: no rate, queue or size limit may shape what it sees.
+        "DQ_TENANT_RATE": "0",
+        "DQ_TENANT_MAX_QUEUED": "0",
+        "DQ_TENANT_MAX_JOB_UNITS": "0",
+        "DQ_READ_RATE": "0",
     }
     optional = {"DQ_CPU_THREADS": plan.threads, "DQ_DEVICE": plan.device, "DQ_DTYPE": plan.dtype}
     return env | {k: str(v) for k, v in optional.items() if v is not None}

@@ -12,8 +12,8 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from core import keys
+from core.broker import delivery_message
 from core.events import DeliveryOrder, DeliveryRecord
-from core.messages import delivery_message
 
 # A job's log keeps its latest attempts; a receiver down for days must not grow it without bound.
 LOG_LIMIT = 50

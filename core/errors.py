@@ -81,3 +81,37 @@ class StorageError(ServiceError):
     """Object storage refused or failed a write after retries."""
 
     code = "storage_error"
+
+
+class UnreadableRecord(ServiceError):
+    """A stored job record that cannot be parsed; the job is quarantined (failed), not retried."""
+
+    code = "unreadable_record"
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id}: its stored record cannot be read ({reason})")
+        self.job_id = job_id
+        self.reason = reason
+
+
+class LimitExceeded(ServiceError):
+    """A tenant's limit refuses the request for now (429); `retry_after_s` says when to retry."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(
+        self, message: str, *, limit: str, retry_after_s: float, policy: str, remaining: float
+    ) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.policy = policy  # the IETF RateLimit-Policy header's value
+        self.remaining = remaining
+
+
+class Forbidden(ServiceError):
+    """The key is valid but its role may not do this."""
+
+    status = 403
+    code = "forbidden"

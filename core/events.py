@@ -97,8 +97,12 @@ class WebhookView(BaseModel):
     deliveries: list[DeliveryRecord] = Field(default_factory=list)
 
 
-def payload(order: DeliveryOrder, job: Mapping[str, Any]) -> bytes:
-    """The body of a delivery: `{"type", "timestamp", "data": <job JSON>}`, compact."""
+def payload(order: DeliveryOrder, job: Mapping[str, Any], tenant: str) -> bytes:
+    """The body of a delivery: `{"type", "timestamp", "tenant", "data": <job JSON>}`, compact.
+
+    The tenant is named so that a receiver serving several tenants can tell whose event it is
+    (and check it against the secret that verified it).
+    """
     when = datetime.fromtimestamp(order.occurred_at, UTC).isoformat().replace("+00:00", "Z")
-    body = {"type": order.event.value, "timestamp": when, "data": job}
+    body = {"type": order.event.value, "timestamp": when, "tenant": tenant, "data": job}
     return json.dumps(body, separators=(",", ":")).encode()

@@ -15,6 +15,8 @@ from core.events import WebhookSpec, WebhookView
 
 MAX_SEED = 2**32 - 1
 MAX_METADATA_BYTES = 4096
+# One unit of work: a guided 512 x 512, 25-step image (guidance doubles the denoiser's work).
+UNIT_WORK = 2 * 512 * 512 * 25
 
 
 class JobStatus(StrEnum):
@@ -64,6 +66,8 @@ def new_job_id() -> str:
 
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+Priority = Literal["high", "normal", "low"]
+MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
 class JobRequest(BaseModel):
@@ -81,6 +85,12 @@ class JobRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=4)
     output_format: OutputFormat = "png"
     metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = Field(
+        "normal", description="dispatch class; a key may be capped below `high`"
+    )
+    model: str | None = Field(
+        None, pattern=MODEL_NAME, description="a model of GET /v1/models; default: the first"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -99,6 +109,13 @@ class JobRequest(BaseModel):
     def seeded(self, seed: int) -> JobRequest:
         """This request with its seed fixed, as stored and returned."""
         return self.model_copy(update={"seed": seed})
+
+    @property
+    def units(self) -> float:
+        """The job's work units: pixels x steps x images (x 2 with guidance), 512², 25 steps = 1."""
+        guided = 2 if self.guidance_scale > 1 else 1
+        work = self.width * self.height * self.steps * self.num_images * guided
+        return work / UNIT_WORK
 
 
 class JobCreate(JobRequest):

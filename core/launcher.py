@@ -24,7 +24,6 @@ from pathlib import Path
 from core.embedded import EmbeddedRedis
 from core.errors import ConfigError
 from core.settings import Settings
-from core.signing import new_secret
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +187,12 @@ def up(settings: Settings, launch: Launch) -> int:
     if not settings.redis_url:
         redis = EmbeddedRedis(data_dir / "redis", aof=True).start()
         env["DQ_REDIS_URL"] = redis.url
+        (data_dir / "redis.url").write_text(redis.url)  # for `dq keys` beside `dq up`
         log.info("embedded Redis on %s (append-only file in %s)", redis.url, data_dir / "redis")
     if settings.secret_key is None:
         env["DQ_SECRET_KEY"] = kept_secret(
             data_dir / "secret_key", lambda: secrets.token_urlsafe(32)
         )
-    if (
-        not settings.webhook_secret.get_secret_value()
-        and not settings.webhook_secrets.get_secret_value()
-    ):
-        env["DQ_WEBHOOK_SECRET"] = kept_secret(data_dir / "webhook_secret", new_secret)
-        log.info("webhooks are signed with the secret in %s", data_dir / "webhook_secret")
     env.setdefault("DQ_PUBLIC_URL", f"http://{launch.host}:{launch.port}")
     supervisor = Supervisor(children(settings, launch), env)
     signal.signal(signal.SIGINT, supervisor.stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -11,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.callbacks import DEFAULT_SCHEDULE
 from core.errors import ConfigError
+from core.jobs import MODEL_NAME
 from core.signing import InvalidSecret, parse_secret
 
 DAY_S = 86_400
@@ -41,7 +43,7 @@ class Settings(BaseSettings):
     # Batching (the seed's knob names).
     max_batch_size: int = Field(4, ge=1, le=64)
     batch_timeout_s: float = Field(0.5, ge=0.0, le=60.0)
-    max_batch_pixels: int = Field(8 * 512 * 512, ge=64 * 64)
+    max_batch_pixels: int = Field(2048 * 2048, ge=64 * 64)
     early_flush: bool = True
     progress_interval_s: float = Field(0.25, ge=0.0)
 
@@ -52,11 +54,46 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=100)
     lease_s: float = Field(30.0, gt=0)
     heartbeat_s: float = Field(5.0, gt=0)
+    # A worker whose work loop has not moved (an iteration, a denoising step) for this long is
+    # counted dead by the scaler and the recovery sweep, whatever its heartbeat thread says.
+    loop_stale_s: float = Field(120.0, gt=0)
+    # A call whose every row was canceled is abandoned (the worker restarts itself) if it has not
+    # stopped this long after the cancel was seen: one step of a huge job can take minutes.
+    cancel_grace_s: float = Field(10.0, gt=0)
+    # The same failure of the batch loop this many times in a row: the worker exits non-zero for
+    # its supervisor to replace it.
+    max_loop_failures: int = Field(5, ge=1)
     visibility_timeout_s: int = Field(600, ge=10)
     # A queued job that no broker message names for this long (a worker killed in the instant
     # between taking its message and kombu recording it) gets a new message from the reaper.
     lost_message_s: float = Field(60.0, gt=0)
     idempotency_ttl_s: int = Field(DAY_S, ge=60)
+    # How often (at most) some process runs the recovery sweep: expired leases, lost dispatches,
+    # deadlines, expired jobs' images. Every worker, scaler and gateway offers to; a lock picks one.
+    sweep_interval_s: float = Field(5.0, gt=0)
+
+    # Admission and dispatch: the ledger owns the queue (see README "Admission and dispatch").
+    dispatch: Literal["fair", "fifo"] = Field(
+        "fair", description="fair: priority classes and weighted fair sharing; fifo: arrival"
+    )
+    dispatch_margin: int = Field(2, ge=1, description="messages out beyond what workers prefetch")
+    low_priority_max_wait_s: float = Field(
+        120.0, gt=0, description="a `low` job waiting this long is dispatched next"
+    )
+    # A tenant's limits unless the key store sets its own (0: no limit).
+    tenant_weight: float = Field(1.0, gt=0)
+    tenant_rate: float = Field(20.0, ge=0, description="submits per second, sustained")
+    tenant_burst: int = Field(200, ge=1, description="submits at once above the rate")
+    tenant_max_queued: int = Field(1000, ge=0)
+    tenant_max_running: int = Field(0, ge=0)
+    tenant_quota_units: float = Field(0.0, ge=0, description="work units per quota window")
+    tenant_quota_window_s: float = Field(3600.0, gt=0)
+    tenant_max_job_units: float = Field(64.0, ge=0, description="the largest single job")
+    tenant_max_priority: Literal["high", "normal", "low"] = "high"
+    read_rate: float = Field(200.0, ge=0, description="reads per second per tenant (0: no limit)")
+    read_burst: int = Field(400, ge=1)
+    redeliver_per_job: int = Field(5, ge=1, description="webhook redeliveries per job per hour")
+    redeliver_per_tenant: int = Field(60, ge=1, description="... per tenant per hour")
 
     # The gateway.
     api_keys: SecretStr = Field(SecretStr(""), description="tenant:key,tenant:key")
@@ -94,6 +131,9 @@ class Settings(BaseSettings):
     scaler_docker_project: str = "diffusion-queue"
     scaler_k8s_deployment: str = "dq-worker"
     scaler_k8s_namespace: str = "default"
+    scaler_low_priority_scales: bool = Field(
+        True, description="false: `low` work alone never adds workers above the minimum"
+    )
 
     log_level: str = "INFO"
 
@@ -176,6 +216,12 @@ class Settings(BaseSettings):
                 raise ValueError("DQ_WEBHOOK_SECRETS must look like tenant:whsec_…,tenant2:whsec_…")
             pairs.append((tenant, secret))
         return pairs
+
+    @property
+    def model_name(self) -> str:
+        """The name jobs and queues know the configured model by."""
+        name = self.model.strip().lower()
+        return name if re.fullmatch(MODEL_NAME, name) else "default"
 
     def require_redis(self) -> str:
         """The Redis URL, or a clear error naming the variable to set."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,14 @@ class ObjectStore(Protocol):
 
     def check(self) -> None:
         """Raise StorageError unless the store is reachable."""
+
+    def delete_folder(self, folder: str) -> int:
+        """Delete every object under `folder` (a job's images and inputs); how many."""
+
+
+def job_folder(prefix: str, job_id: str) -> str:
+    """The folder of a job's objects: everything of it is deleted together."""
+    return "/".join(p for p in (prefix.strip("/"), job_id) if p) + "/"
 
 
 def image_key(prefix: str, job_id: str, index: int, ext: str) -> str:
@@ -62,6 +71,17 @@ class S3Store:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as e:
             raise StorageError(f"bucket {self.bucket} is not reachable: {e}") from e
+
+    def delete_folder(self, folder: str) -> int:
+        """Delete the objects under `folder`, a page (up to 1,000) per request."""
+        deleted = 0
+        pages = self.client.get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=self.bucket, Prefix=folder):
+            objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if objects:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects})
+                deleted += len(objects)
+        return deleted
 
 
 class FileStore:
@@ -100,6 +120,15 @@ class FileStore:
         """True when the signature matches and has not expired."""
         good = hmac.compare_digest(self.signature(unquote(key), expires), sig)
         return good and expires >= time.time()
+
+    def delete_folder(self, folder: str) -> int:
+        """Delete the files under `folder` and the folder itself."""
+        path = self.path(folder.rstrip("/"))
+        if path == self.root.resolve() or not path.is_dir():
+            return 0
+        files = [p for p in path.rglob("*") if p.is_file()]
+        shutil.rmtree(path, ignore_errors=True)
+        return len(files)
 
     def check(self) -> None:
         """The folder exists or can be made."""

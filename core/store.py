@@ -1,9 +1,12 @@
-"""The Redis job ledger: the only code that writes a job's status.
+"""The Redis job ledger: the only code that writes a job's status, and the owner of the queue.
 
-Every status change runs one Lua script that compares the current status (and, for writes from a
-worker, the attempt number) before it writes, so a late write from a dead attempt loses and terminal
-states never change. Index sets (queue positions, running leases) move in the same script, which
-also publishes "<job id> <status>" on `keys.CHANGES` so that waiting clients are told, not polled.
+A queued job waits in its tenant's line for its model and priority class until dispatch moves it
+into the model's window (its Celery message goes out then); a worker's claim makes it running.
+Every change runs one Lua script (core/lua) that compares before it writes: a claim takes only a
+dispatched job and numbers the attempt itself; a renewal or an outcome is accepted only from the
+attempt and worker that hold the job; terminal states never change. The same script keeps the
+indexes and counters, creates the change's webhook event, publishes "<job id> <status>" on
+`keys.CHANGES`, and dispatches when a place in the window (or a tenant's running cap) frees up.
 """
 
 from __future__ import annotations
@@ -12,14 +15,17 @@ import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
+from typing import Any, Literal
 
+from pydantic import ValidationError
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from core import keys
+from core import keys, scripts
+from core.broker import delivery_message, generate_template, job_queue
 from core.coalesce import ScriptBatcher
-from core.errors import IllegalTransition
+from core.errors import IllegalTransition, UnreadableRecord
 from core.events import DeliveryOrder, EventType, WebhookSpec, event_entering, webhook_id
 from core.jobs import (
     ErrorInfo,
@@ -28,83 +34,18 @@ from core.jobs import (
     Metrics,
     Progress,
     StoredImage,
-    sources_of,
 )
-from core.messages import delivery_message, generate_message
 from core.settings import Settings
 
-_SUBMIT = """
--- KEYS: job, queued, tenant index, broker list, idempotency key ('' for none)
--- ARGV: id, now, max_queue, message, idem_ttl, idem_value, field, value, ...
-if KEYS[5] ~= '' then
-  local seen = redis.call('GET', KEYS[5])
-  if seen then return {'duplicate', seen} end
-end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return {'full', ''} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-redis.call('LPUSH', KEYS[4], ARGV[4])
-if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ARGV[5]) end
-return {'created', ARGV[1]}
-"""
-
-_TRANSITION = """
--- KEYS: job, queued, running, broker list, webhook list, change channel
--- ARGV: id, allowed sources (space separated), expected attempt ('' = any), new status,
---       terminal ttl ('' = not terminal), index score, message ('' = none),
---       event on entering the status ('' = none), its order, its message,
---       event on staying in it ('' = none), its order, its message,
---       now, least seconds between progress events,
---       lease cutoff ('' = none; else refused unless the lease ended by then), field, value, ...
-local cur = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if not cur[1] then return {'missing', '', ''} end
-if not string.find(' ' .. ARGV[2] .. ' ', ' ' .. cur[1] .. ' ', 1, true) then
-  return {'refused', cur[1], cur[2]}
-end
-if ARGV[3] ~= '' and cur[2] ~= ARGV[3] then return {'refused', cur[1], cur[2]} end
-if ARGV[16] ~= '' then
-  local lease = redis.call('ZSCORE', KEYS[3], ARGV[1])
-  if lease and tonumber(lease) > tonumber(ARGV[16]) then return {'refused', cur[1], cur[2]} end
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[4], unpack(ARGV, 17))
-if ARGV[4] == 'queued' then redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
-else redis.call('ZREM', KEYS[2], ARGV[1]) end
-if ARGV[4] == 'running' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
-else redis.call('ZREM', KEYS[3], ARGV[1]) end
-if ARGV[7] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[7]) end
--- The webhook event of this change, created in this same step: once per (job, event type) by an
--- HSETNX marker; progress events instead at most once per interval.
-local e = 8
-if cur[1] == ARGV[4] then e = 11 end
-local subs = redis.call('HGET', KEYS[1], 'webhook_events')
-if ARGV[e] ~= '' and subs and string.find(' ' .. subs .. ' ', ' ' .. ARGV[e] .. ' ', 1, true) then
-  local fresh
-  if ARGV[e] == 'job.progress' then
-    local last = tonumber(redis.call('HGET', KEYS[1], 'webhook_progress_at')) or 0
-    fresh = tonumber(ARGV[14]) - last >= tonumber(ARGV[15])
-    if fresh then redis.call('HSET', KEYS[1], 'webhook_progress_at', ARGV[14]) end
-  else
-    fresh = redis.call('HSETNX', KEYS[1], 'webhook_event:' .. ARGV[e], ARGV[14]) == 1
-  end
-  if fresh then
-    redis.call('HSET', KEYS[1], 'webhook_last', ARGV[e + 1])
-    redis.call('LPUSH', KEYS[5], ARGV[e + 2])
-  end
-end
-if ARGV[5] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
-redis.call('PUBLISH', KEYS[6], ARGV[1] .. ' ' .. ARGV[4])
-return {'ok', cur[1], cur[2]}
-"""
-
-
-_REPUBLISH = """
--- KEYS: job, broker list; ARGV: message
--- A new message for a job still queued, at the front of the queue (where kombu restores).
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-return 1
-"""
+Op = Literal["claim", "renew", "finish", "handback", "cancel", "fail"]
+# The status each operation leads to (finish: the change's own `to`).
+_TARGET: dict[str, JobStatus] = {
+    "claim": JobStatus.RUNNING,
+    "renew": JobStatus.RUNNING,
+    "handback": JobStatus.QUEUED,
+    "cancel": JobStatus.CANCELED,
+    "fail": JobStatus.FAILED,
+}
 
 
 @dataclass(frozen=True)
@@ -117,6 +58,10 @@ class JobRecord:
     attempt: int
     created_at: float
     request: JobRequest
+    model: str = ""
+    priority: str = "normal"
+    units: float = 0.0
+    dispatched_at: float | None = None  # while queued: when its message went out
     started_at: float | None = None
     finished_at: float | None = None
     progress: Progress | None = None
@@ -147,96 +92,226 @@ def _opt_float(raw: str | None) -> float | None:
 
 
 def decode(job_id: str, raw: Mapping[str, str]) -> JobRecord | None:
-    """The record stored in a job hash, or None when the hash is gone."""
+    """The record stored in a job hash, or None when the hash is gone.
+
+    Read leniently: a field that a newer writer added is ignored. A record that still cannot be
+    parsed raises UnreadableRecord, for the caller to quarantine.
+    """
     if not raw:
         return None
+    try:
+        return _decode(job_id, raw)
+    except (ValidationError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise UnreadableRecord(job_id, type(e).__name__) from e
+
+
+def _decode(job_id: str, raw: Mapping[str, str]) -> JobRecord:
+    def model(cls: Any, name: str) -> Any:
+        value = raw.get(name)
+        return cls.model_validate_json(value, extra="ignore") if value else None
+
     return JobRecord(
         id=job_id,
         tenant=raw["tenant"],
         status=JobStatus(raw["status"]),
         attempt=int(raw.get("attempt") or 0),
         created_at=float(raw["created_at"]),
-        request=JobRequest.model_validate_json(raw["request"]),
+        request=JobRequest.model_validate_json(raw["request"], extra="ignore"),
+        model=raw.get("model") or "",
+        priority=raw.get("priority") or "normal",
+        units=float(raw.get("units") or 0),
+        dispatched_at=_opt_float(raw.get("dispatched_at")),
         started_at=_opt_float(raw.get("started_at")),
         finished_at=_opt_float(raw.get("finished_at")),
-        progress=Progress.model_validate_json(p) if (p := raw.get("progress")) else None,
+        progress=model(Progress, "progress"),
         outputs=[StoredImage.model_validate(o) for o in json.loads(raw.get("outputs") or "[]")],
-        error=ErrorInfo.model_validate_json(e) if (e := raw.get("error")) else None,
-        metrics=Metrics.model_validate_json(m) if (m := raw.get("metrics")) else Metrics(),
+        error=model(ErrorInfo, "error"),
+        metrics=model(Metrics, "metrics") or Metrics(),
         worker=raw.get("worker") or None,
-        webhook=WebhookSpec.model_validate_json(w) if (w := raw.get("webhook")) else None,
+        webhook=model(WebhookSpec, "webhook"),
     )
+
+
+def salvage(raw: str | None) -> JobRequest:
+    """What can be recovered of an unreadable stored request (its free-form metadata dropped)."""
+    try:
+        data = json.loads(raw or "")
+        data.pop("metadata", None)
+        return JobRequest.model_validate(data, extra="ignore")
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return JobRequest.model_validate({"prompt": "(unreadable)"})
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A record that could not be parsed, in a batch read."""
+
+    job_id: str
+    reason: str
+
+
+Read = JobRecord | Unreadable | None
+
+
+def decode_many(ids: Sequence[str], raws: Sequence[Mapping[str, str]]) -> list[Read]:
+    """Records of a batch read; one that cannot be parsed does not spoil the others."""
+    out: list[Read] = []
+    for job_id, raw in zip(ids, raws, strict=True):
+        try:
+            out.append(decode(job_id, raw))
+        except UnreadableRecord as e:
+            out.append(Unreadable(job_id, e.reason))
+    return out
+
+
+@cache
+def _template() -> str:
+    return generate_template()
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    """What every script that may dispatch needs to know (the same in every process)."""
+
+    queue: str = "dq.jobs"  # base name: a model's Celery queue is `<queue>.<model>`
+    margin: int = 2  # messages out beyond what the live workers prefetch (for ones on their way)
+    heartbeat_ttl_s: float = 15.0  # a worker is live while its heartbeat is this fresh
+    fifo: bool = False  # arrival order for everyone (the comparison mode)
+    low_max_wait_s: float = 120.0  # a `low` job waiting this long goes next (its aging bound)
+    weight: float = 1.0  # a tenant's share, unless its settings say otherwise
+    max_running: int = 1_000_000  # a tenant's dispatched + running jobs, unless ... otherwise
+    max_per_call: int = 64  # jobs one script call dispatches at most
+
+    @classmethod
+    def of(cls, settings: Settings) -> DispatchConfig:
+        """The dispatch settings every process shares."""
+        return cls(
+            queue=settings.queue_name,
+            margin=settings.dispatch_margin,
+            heartbeat_ttl_s=settings.heartbeat_s * 3,
+            fifo=settings.dispatch == "fifo",
+            low_max_wait_s=settings.low_priority_max_wait_s,
+            weight=settings.tenant_weight,
+            max_running=settings.tenant_max_running or 1_000_000,
+        )
+
+    def table(self, now: float) -> dict[str, Any]:
+        """The `d` argument of a script."""
+        return {
+            "now": now,
+            "margin": self.margin,
+            "ttl": self.heartbeat_ttl_s,
+            "fifo": self.fifo,
+            "low_age": self.low_max_wait_s,
+            "weight": self.weight,
+            "max_running": self.max_running,
+            "queue": self.queue,
+            "template": _template(),
+            "max_per_call": self.max_per_call,
+        }
 
 
 @dataclass(frozen=True)
 class Ledger:
     """The names and limits every store shares."""
 
-    queue: str = "dq.jobs"
     job_ttl_s: int = 7 * 86_400
     max_queue: int = 10_000
     idempotency_ttl_s: int = 86_400
     webhook_queue: str = "dq.webhooks"
     progress_event_s: float = 5.0
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
 
     @classmethod
     def of(cls, settings: Settings) -> Ledger:
         """The ledger limits every process shares."""
         return cls(
-            queue=settings.queue_name,
             job_ttl_s=settings.job_ttl_s,
             max_queue=settings.max_queue,
             idempotency_ttl_s=settings.idempotency_ttl_s,
             webhook_queue=settings.webhook_queue,
             progress_event_s=settings.webhook_progress_interval_s,
+            dispatch=DispatchConfig.of(settings),
         )
 
-    def transition_call(
-        self,
-        job_id: str,
-        to: JobStatus,
-        *,
-        attempt: int | None,
-        fields: Mapping[str, str],
-        score: float | None,
-        lease_ended_by: float | None = None,
-    ) -> tuple[list[str], list[str | float]]:
-        """Keys and arguments of one compare-and-set status change."""
-        allowed = " ".join(sorted(sources_of(to)))
-        message = generate_message(job_id, self.queue) if to is JobStatus.QUEUED else ""
-        ttl = str(self.job_ttl_s) if to.terminal else ""
-        flat = [item for pair in fields.items() for item in pair]
-        now = time.time()
-        stay = EventType.PROGRESS if to is JobStatus.RUNNING and "progress" in fields else None
-        args: list[str | float] = [
-            job_id,
-            allowed,
-            "" if attempt is None else str(attempt),
-            to.value,
-            ttl,
-            now if score is None else score,
-            message,
-            *self.event_args(job_id, event_entering(to.value), now),
-            *self.event_args(job_id, stay, now),
-            now,
-            self.progress_event_s,
-            "" if lease_ended_by is None else lease_ended_by,
-            *flat,
-        ]
-        keys_ = [
-            keys.job(job_id),
-            keys.QUEUED,
-            keys.RUNNING,
-            self.queue,
-            self.webhook_queue,
-            keys.CHANGES,
-        ]
-        return keys_, args
+    def queue_of(self, model: str) -> str:
+        """The Celery queue of one model's jobs."""
+        return job_queue(self.dispatch.queue, model)
 
-    def event_args(self, job_id: str, event: EventType | None, now: float) -> list[str]:
-        """The (event, order, message) a transition pushes if the job's webhook wants it."""
+    def change_args(self, change: Change, now: float) -> str:
+        """The JSON argument of one transition script call."""
+        to = change.to if change.op == "finish" else _TARGET[change.op]
+        assert to is not None, "a finish names its status"
+        stay = EventType.PROGRESS if change.op == "renew" and "progress" in change.fields else None
+        fields = encode(**change.fields)
+        table: dict[str, Any] = {
+            "op": change.op,
+            "id": change.job_id,
+            "now": now,
+            "to": to.value,
+            "fields": [item for pair in fields.items() for item in pair],
+            "ttl": self.job_ttl_s,
+            "enter": self.event(change.job_id, event_entering(to.value), now),
+            "stay": self.event(change.job_id, stay, now),
+            "progress_every": self.progress_event_s,
+            "webhook_queue": self.webhook_queue,
+            "incr": [list(pair) for pair in change.incr],
+            "d": self.dispatch.table(now),
+        }
+        for name in ("attempt", "worker", "lease", "cutoff"):
+            table[name] = getattr(change, name)
+        # Lua sees JSON null as a value (cjson.null), not as nil: leave absent what is None.
+        return json.dumps({k: v for k, v in table.items() if v is not None})
+
+    def submit_args(
+        self,
+        record: JobRecord,
+        limits: Mapping[str, float],
+        idempotency: tuple[str, str] | None,
+        deadline: float | None,
+    ) -> str:
+        """The JSON argument of one submit script call."""
+        fields = encode(
+            tenant=record.tenant,
+            status=record.status.value,
+            attempt=0,
+            created_at=record.created_at,
+            request=record.request,
+            metrics=record.metrics,
+            model=record.model,
+            priority=record.priority,
+            units=record.units,
+            images=record.request.num_images,
+        )
+        if record.webhook is not None:
+            # The transition script reads the plain list; the API reads the JSON.
+            fields["webhook"] = record.webhook.model_dump_json()
+            fields["webhook_events"] = " ".join(record.webhook.events)
+        idem_key, idem_value = idempotency or ("", "")
+        table = {
+            "id": record.id,
+            "tenant": record.tenant,
+            "model": record.model,
+            "class": record.priority,
+            "units": record.units,
+            "images": record.request.num_images,
+            "created": record.created_at,
+            "fields": [item for pair in fields.items() for item in pair],
+            "index": keys.tenant_jobs(record.tenant),
+            "idem_key": idem_key,
+            "idem_value": idem_value,
+            "idem_ttl": self.idempotency_ttl_s,
+            "max_queue": self.max_queue,
+            "limits": dict(limits),
+            "deadline": deadline,
+            "d": self.dispatch.table(time.time()),
+        }
+        return json.dumps({k: v for k, v in table.items() if v is not None})
+
+    def event(self, job_id: str, event: EventType | None, now: float) -> dict[str, str] | None:
+        """The webhook event a change creates if the job's webhook wants it."""
         if event is None:
-            return ["", "", ""]
+            return None
         # Progress events are many per job; the time keeps their ids apart.
         suffix = str(int(now * 1000)) if event is EventType.PROGRESS else ""
         order = DeliveryOrder(
@@ -245,140 +320,120 @@ class Ledger:
             webhook_id=webhook_id(job_id, event, suffix),
             occurred_at=now,
         )
-        return [event.value, order.model_dump_json(), delivery_message(order, self.webhook_queue)]
-
-    def submit_call(
-        self, record: JobRecord, idempotency: tuple[str, str] | None
-    ) -> tuple[list[str], list[str | float]]:
-        """Keys and arguments of the atomic record-and-enqueue."""
-        fields = encode(
-            tenant=record.tenant,
-            status=record.status.value,
-            attempt=0,
-            created_at=record.created_at,
-            request=record.request,
-            metrics=record.metrics,
-        )
-        if record.webhook is not None:
-            # The transition script reads the plain list; the API reads the JSON.
-            fields["webhook"] = record.webhook.model_dump_json()
-            fields["webhook_events"] = " ".join(record.webhook.events)
-        idem_key, idem_value = idempotency or ("", "")
-        flat = [item for pair in fields.items() for item in pair]
-        keys_ = [
-            keys.job(record.id),
-            keys.QUEUED,
-            keys.tenant_jobs(record.tenant),
-            self.queue,
-            idem_key,
-        ]
-        args: list[str | float] = [
-            record.id,
-            record.created_at,
-            self.max_queue,
-            generate_message(record.id, self.queue),
-            self.idempotency_ttl_s,
-            idem_value,
-            *flat,
-        ]
-        return keys_, args
+        return {
+            "type": event.value,
+            "order": order.model_dump_json(),
+            "message": delivery_message(order, self.webhook_queue),
+        }
 
 
 @dataclass(frozen=True)
 class Change:
-    """One status change from a worker's attempt, to be written with others in one round trip."""
+    """One status change of one job (see core/lua/transition.lua for what each op checks)."""
 
+    op: Op
     job_id: str
-    to: JobStatus
-    expect_attempt: int
-    score: float | None = None  # the running lease's deadline (or queue position)
+    attempt: int | None = None  # the attempt that must hold the job (claim: ignored)
+    worker: str | None = None  # the worker that claims, or must hold the job
+    lease: float | None = None  # the running lease's deadline (claim, renew)
+    cutoff: float | None = None  # refuse unless the lease or dispatch ended by then
+    to: JobStatus | None = None  # finish: succeeded or failed
     fields: Mapping[str, Any] = field(default_factory=dict)
+    incr: Sequence[tuple[str, float]] = ()  # metrics counters, added once if applied
 
 
-def check_transition(result: Sequence[Any], job_id: str, to: JobStatus) -> None:
-    """Raise IllegalTransition unless the script applied the change."""
-    outcome, current = _text(result[0]), _text(result[1])
-    if outcome != "ok":
-        raise IllegalTransition(job_id, current or None, to.value)
+@dataclass(frozen=True)
+class Applied:
+    """What a change did: whether it applied, the status before, the attempt after."""
+
+    ok: bool
+    before: str
+    attempt: int
+
+
+def _applied(reply: Sequence[Any]) -> Applied:
+    outcome, before, attempt = (_text(v) for v in reply)
+    return Applied(outcome == "ok", before, int(attempt or 0))
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def quarantine_change(job_id: str, raw_request: str | None, reason: str) -> Change:
+    """The change that fails a job whose record cannot be read, keeping what can be kept."""
+    error = ErrorInfo(
+        code="unreadable_record",
+        message="the job's stored record could not be read; it was set aside and will not run",
+    )
+    fields = {"finished_at": time.time(), "error": error, "request": salvage(raw_request)}
+    fields["quarantined"] = reason
+    return Change("fail", job_id, fields=fields)
+
+
 class JobStore:
-    """Synchronous ledger access for the worker, the reaper and the scaler."""
+    """Synchronous ledger access for the worker, the recovery sweep and the scaler."""
 
     def __init__(self, redis: Redis, ledger: Ledger) -> None:
         self.redis = redis
         self.ledger = ledger
-        self._transition = redis.register_script(_TRANSITION)
-        self._republish = redis.register_script(_REPUBLISH)
+        self._transition = redis.register_script(scripts.source("transition"))
+        self._dispatch = redis.register_script(scripts.source("dispatch"))
+        self._submit = redis.register_script(scripts.source("submit"))
 
-    def republish(self, job_id: str) -> bool:
-        """Send a still-queued job a new message (its own was lost); False if it left the queue."""
-        message = generate_message(job_id, self.ledger.queue)
-        return bool(self._republish([keys.job(job_id), self.ledger.queue], [message]))
+    def submit(
+        self,
+        record: JobRecord,
+        limits: Mapping[str, float] | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Admission:
+        """Admit a job (the gateway's path, for tools and tests that have no gateway)."""
+        args = self.ledger.submit_args(record, limits or {}, idempotency, None)
+        return _admission(self._submit([], [args]))  # type: ignore[arg-type]
 
     def get(self, job_id: str) -> JobRecord | None:
-        """One job's record."""
+        """One job's record (UnreadableRecord if it cannot be parsed)."""
         return decode(job_id, self.redis.hgetall(keys.job(job_id)))  # type: ignore[arg-type]
 
-    def get_many(self, job_ids: Iterable[str]) -> list[JobRecord | None]:
+    def get_many(self, job_ids: Iterable[str]) -> list[Read]:
         """Several records in one round trip."""
         ids = list(job_ids)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(keys.job(job_id))
-        return [decode(i, raw) for i, raw in zip(ids, pipe.execute(), strict=True)]
+        return decode_many(ids, pipe.execute())
 
-    def transition(
-        self,
-        job_id: str,
-        to: JobStatus,
-        *,
-        expect_attempt: int | None = None,
-        score: float | None = None,
-        lease_ended_by: float | None = None,
-        **fields: Any,
-    ) -> None:
-        """Move a job to `to` if the table allows it and `expect_attempt` still holds it.
-
-        `lease_ended_by` is the reaper's guard: refuse if the running lease was renewed past it.
-        """
-        keys_, args = self.ledger.transition_call(
-            job_id,
-            to,
-            attempt=expect_attempt,
-            fields=encode(**fields),
-            score=score,
-            lease_ended_by=lease_ended_by,
-        )
-        check_transition(self._transition(keys_, args), job_id, to)
-
-    def try_transition(self, job_id: str, to: JobStatus, **kwargs: Any) -> bool:
-        """Like transition, answering False instead of raising when the change is refused."""
-        try:
-            self.transition(job_id, to, **kwargs)
-        except IllegalTransition:
-            return False
-        return True
-
-    def try_transitions(self, changes: Sequence[Change]) -> list[bool]:
-        """Several changes in one round trip (each its own compare-and-set); which were applied."""
+    def apply(self, changes: Sequence[Change]) -> list[Applied]:
+        """Several changes in one round trip, each its own compare-and-set."""
         if not changes:
             return []
+        now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for change in changes:
-            keys_, args = self.ledger.transition_call(
-                change.job_id,
-                change.to,
-                attempt=change.expect_attempt,
-                fields=encode(**change.fields),
-                score=change.score,
-            )
-            self._transition(keys_, args, client=pipe)
-        return [_text(result[0]) == "ok" for result in pipe.execute()]
+            self._transition([], [self.ledger.change_args(change, now)], client=pipe)
+        return [_applied(reply) for reply in pipe.execute()]
+
+    def change(self, change: Change) -> Applied:
+        """One change."""
+        return self.apply([change])[0]
+
+    def must(self, change: Change) -> Applied:
+        """One change that must apply (IllegalTransition otherwise)."""
+        applied = self.change(change)
+        if not applied.ok:
+            raise IllegalTransition(change.job_id, applied.before or None, change.op)
+        return applied
+
+    def quarantine(self, job_id: str) -> bool:
+        """Fail a job whose record cannot be read, so that no loop trips on it again."""
+        raw = self.redis.hget(keys.job(job_id), "request")
+        change = quarantine_change(job_id, raw, "unreadable")  # type: ignore[arg-type]
+        return self.change(change).ok
+
+    def dispatch(self, model: str) -> int:
+        """Fill a model's window now; how many jobs went out."""
+        table = {"model": model, "d": self.ledger.dispatch.table(time.time())}
+        return int(self._dispatch([], [json.dumps(table)]))  # type: ignore[arg-type]
 
     def statuses(self, job_ids: Sequence[str]) -> list[JobStatus | None]:
         """The current status of each job, in one round trip."""
@@ -388,37 +443,93 @@ class JobStore:
         return [JobStatus(s) if s else None for s in pipe.execute()]
 
 
+@dataclass(frozen=True)
+class Admission:
+    """The submit script's answer."""
+
+    outcome: Literal["created", "duplicate", "full", "limited"]
+    value: str = ""  # the job id, or the stored idempotency value
+    position: int | None = None  # created: 1 = next
+    units_ahead: float = 0.0
+    limit: str = ""  # limited: which limit
+    retry_after_s: float = 0.0
+    limit_value: float = 0.0
+    remaining: float = 0.0
+
+
+def _admission(reply: Sequence[Any]) -> Admission:
+    parts = [_text(v) for v in reply]
+    outcome = parts[0]
+    if outcome == "created":
+        return Admission("created", parts[1], int(parts[2]), float(parts[3]))
+    if outcome == "duplicate":
+        return Admission("duplicate", parts[1])
+    if outcome == "limited":
+        return Admission(
+            "limited",
+            limit=parts[1],
+            retry_after_s=float(parts[2]),
+            limit_value=float(parts[3]),
+            remaining=float(parts[4]),
+        )
+    return Admission("full")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a queued job stands: dispatched or waiting, and what is ahead of it."""
+
+    dispatched: bool
+    jobs_ahead: int
+    units_ahead: float
+
+
 class AsyncJobStore:
     """Asynchronous ledger access for the gateway."""
 
     def __init__(self, redis: AsyncRedis, ledger: Ledger) -> None:
         self.redis = redis
         self.ledger = ledger
-        self._submit = ScriptBatcher(redis, _SUBMIT)
-        self._transition = redis.register_script(_TRANSITION)
+        self._submit = ScriptBatcher(redis, scripts.source("submit"))
+        self._transition = redis.register_script(scripts.source("transition"))
+        self._position = redis.register_script(scripts.source("position"))
 
     async def submit(
-        self, record: JobRecord, idempotency: tuple[str, str] | None = None
-    ) -> tuple[str, str]:
-        """Record and enqueue atomically: (created, id), (duplicate, stored value) or (full, '')."""
-        keys_, args = self.ledger.submit_call(record, idempotency)
-        outcome, value = await self._submit(keys_, args)
-        return _text(outcome), _text(value)
+        self,
+        record: JobRecord,
+        *,
+        limits: Mapping[str, float],
+        idempotency: tuple[str, str] | None = None,
+        deadline: float | None = None,
+    ) -> Admission:
+        """Admit a job in one atomic step: limits, record, its line, a dispatch."""
+        args = self.ledger.submit_args(record, limits, idempotency, deadline)
+        return _admission(await self._submit([], [args]))
 
-    async def get(self, job_id: str) -> tuple[JobRecord | None, int | None]:
-        """A record and its 0-based queue rank (None unless queued), in one round trip."""
+    async def get(self, job_id: str) -> tuple[JobRecord | None, Place | None]:
+        """A record and, while queued, its place; in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(keys.job(job_id))
-        pipe.zrank(keys.QUEUED, job_id)
-        raw, rank = await pipe.execute()
-        return decode(job_id, raw), rank
+        table = {"id": job_id, "d": self.ledger.dispatch.table(time.time())}
+        await self._position([], [json.dumps(table)], client=pipe)
+        raw, place = await pipe.execute()
+        return decode(job_id, raw), _place(place)
 
-    async def transition(self, job_id: str, to: JobStatus, **fields: Any) -> None:
-        """Move a job to `to` if the table allows it (client-initiated changes carry no attempt)."""
-        keys_, args = self.ledger.transition_call(
-            job_id, to, attempt=None, fields=encode(**fields), score=None
-        )
-        check_transition(await self._transition(keys_, args), job_id, to)
+    async def place(self, job_id: str) -> Place | None:
+        """Where a queued job stands (None unless queued)."""
+        table = {"id": job_id, "d": self.ledger.dispatch.table(time.time())}
+        return _place(await self._position([], [json.dumps(table)]))
+
+    async def change(self, change: Change) -> Applied:
+        """One change (a client's cancel, a quarantine)."""
+        args = self.ledger.change_args(change, time.time())
+        return _applied(await self._transition([], [args]))
+
+    async def quarantine(self, job_id: str) -> bool:
+        """Fail a job whose record cannot be read."""
+        raw = await self.redis.hget(keys.job(job_id), "request")
+        change = quarantine_change(job_id, None if raw is None else str(raw), "unreadable")
+        return (await self.change(change)).ok
 
     async def redeliver(self, job_id: str) -> DeliveryOrder | None:
         """Queue a job's last webhook event again: a new series of attempts, same webhook-id."""
@@ -439,12 +550,12 @@ class AsyncJobStore:
         )
         return [(_text(row[0]), float(row[1])) for row in rows]
 
-    async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+    async def get_many(self, job_ids: Sequence[str]) -> list[Read]:
         """Several records in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(keys.job(job_id))
-        return [decode(i, raw) for i, raw in zip(job_ids, await pipe.execute(), strict=True)]
+        return decode_many(job_ids, await pipe.execute())
 
     async def forget(self, tenant: str, job_ids: Sequence[str]) -> None:
         """Drop expired jobs from a tenant's index."""
@@ -454,7 +565,14 @@ class AsyncJobStore:
     async def counts(self) -> tuple[int, int]:
         """(queued, running) job counts."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(keys.QUEUED)
+        pipe.hget(keys.STATS, "queued")
         pipe.zcard(keys.RUNNING)
         queued, running = await pipe.execute()
-        return int(queued), int(running)
+        return int(queued or 0), int(running)
+
+
+def _place(reply: Sequence[Any]) -> Place | None:
+    if not reply:
+        return None
+    where, jobs, units = (_text(v) for v in reply)
+    return Place(where == "D", int(jobs), float(units))

@@ -12,13 +12,15 @@ from typing import TypeVar
 from redis import Redis
 
 from core.errors import ConfigError
+from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings, load_settings
+from core.storage import open_store
 from core.store import JobStore, Ledger
 from scaler.backends import DockerBackend, KubernetesBackend, ScaleBackend
 from scaler.loop import ControlLoop
 from scaler.policy import PolicyConfig
 from scaler.process import ProcessBackend
-from scaler.reaper import Reaper
+from scaler.signals import Reading
 
 log = logging.getLogger("scaler")
 T = TypeVar("T")
@@ -65,19 +67,28 @@ def backend_of(name: str, settings: Settings) -> ScaleBackend:
 def build(settings: Settings, args: argparse.Namespace) -> tuple[ControlLoop, ScaleBackend]:
     """The control loop and the backend it drives, connected to Redis."""
     redis = Redis.from_url(settings.require_redis(), decode_responses=True, socket_timeout=10)
-    heartbeat_ttl = settings.heartbeat_s * 3
-    reaper = Reaper(
+    storage = open_store(
+        settings.storage,
+        secret=b"",
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+    )
+    recovery = Recovery(
         redis,
         JobStore(redis, Ledger.of(settings)),
-        max_attempts=settings.max_attempts,
-        heartbeat_ttl_s=heartbeat_ttl,
-        lost_message_s=settings.lost_message_s,
+        RecoveryConfig.of(settings),
+        storage,
+        getattr(storage, "prefix", ""),
     )
     policy = policy_of(settings, args)
     backend = backend_of(args.backend or settings.scaler_backend, settings)
-    loop = ControlLoop(
-        redis, backend, reaper, policy, queue=settings.queue_name, heartbeat_ttl_s=heartbeat_ttl
+    reading = Reading(
+        settings.model_name,
+        settings.heartbeat_s * 3,
+        settings.loop_stale_s,
+        settings.scaler_low_priority_scales,
     )
+    loop = ControlLoop(redis, backend, recovery, policy, reading)
     return loop, backend
 
 

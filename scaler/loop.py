@@ -1,7 +1,8 @@
 """The scaler's control loop: one instance at a time, a tick every interval.
 
-Each tick: hold the lock, reap orphans, read signals, let the pure policy decide, apply the decision
-through the backend, and publish what was decided and why.
+Each tick: hold the lock, offer to run the recovery sweep, read signals, let the pure policy
+decide, and, if the lock is still ours, apply the decision through the backend and publish what
+was decided and why (a scaler that lost its lock mid-tick, paused or cut off, applies nothing).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from redis.exceptions import RedisError
 
 from core import heartbeats, keys
 from core.heartbeats import ScalerStatus
+from core.recovery import Recovery
 from scaler import signals
 from scaler.backends import ScaleBackend, WorkerHandle
 from scaler.policy import Decision, PolicyConfig, PolicyState, Signals, decide
-from scaler.reaper import Reaper
+from scaler.signals import Reading
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+
+_HELD = """
+return redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PTTL', KEYS[1]) > 0 and 1 or 0
 """
 
 _RELEASE = """
@@ -45,10 +51,15 @@ class Lock:
         self.token = uuid.uuid4().hex
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._held = redis.register_script(_HELD)
 
     def hold(self) -> bool:
         """Take or renew the lock; False while another scaler has it."""
         return bool(self._renew([keys.SCALER_LOCK], [self.token, self.ttl_ms]))
+
+    def still_held(self) -> bool:
+        """Whether the lock is still ours (it may have expired while a tick ran)."""
+        return bool(self._held([keys.SCALER_LOCK], [self.token]))
 
     def release(self) -> None:
         """Give the lock up if still ours (in one step: it may have expired and changed hands)."""
@@ -62,14 +73,12 @@ class ControlLoop:
         self,
         redis: Redis,
         backend: ScaleBackend,
-        reaper: Reaper,
+        recovery: Recovery,
         config: PolicyConfig,
-        *,
-        queue: str,
-        heartbeat_ttl_s: float,
+        reading: Reading,
     ) -> None:
-        self.redis, self.backend, self.reaper, self.config = redis, backend, reaper, config
-        self.queue, self.heartbeat_ttl_s = queue, heartbeat_ttl_s
+        self.redis, self.backend, self.recovery, self.config = redis, backend, recovery, config
+        self.reading = reading
         self.lock = Lock(redis, ttl_s=max(3 * config.interval_s, 10.0))
         self.state = PolicyState()
         self.stopped = threading.Event()
@@ -97,13 +106,15 @@ class ControlLoop:
         """One control step; None when another scaler holds the lock."""
         if not self._hold_lock():
             return None
-        reaped = self.reaper.tick()
-        if reaped.requeued or reaped.failed or reaped.restored:
-            log.info("reaper: %s", reaped)
+        self.recovery.offer()
         handles = self.backend.list_workers()
         current = sum(1 for h in handles if not h.stopping)
         reading = self._read(handles)
         decision, self.state = decide(reading, current, self.state, self.config, time.time())
+        if not self.lock.still_held():
+            log.warning("lost the scaler lock during the tick; not applying %s", decision)
+            self.holding = False
+            return None
         self._apply(decision, current)
         status = ScalerStatus(
             current=current, desired=decision.desired, reason=decision.reason, at=time.time()
@@ -124,8 +135,7 @@ class ControlLoop:
 
     def _read(self, handles: list[WorkerHandle]) -> Signals | None:
         try:
-            stranded = self.reaper.count_stranded()
-            return signals.read(self.redis, self.queue, handles, self.heartbeat_ttl_s, stranded)
+            return signals.read(self.redis, self.reading, handles)
         except RedisError as e:
             log.warning("cannot read signals: %s", e)
             return None

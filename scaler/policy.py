@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from core.errors import ConfigError
 from core.heartbeats import WorkerState
@@ -27,13 +26,12 @@ class WorkerInfo:
 class Signals:
     """Everything the policy reads in one tick; `decide` gets None when it could not be read."""
 
-    queued: int  # jobs (batch rows) waiting in the broker, every priority sub-list included
-    in_flight: int  # jobs a live worker holds: prefetched, buffered or running
-    orphans: int = 0  # jobs whose worker died (lease expired); not also counted in `in_flight`
+    queued: int  # images queued: waiting in the tenants' lines or dispatched, not yet running
+    in_flight: int  # images running
+    orphans: int = 0  # images whose worker died, when not also counted in `in_flight`
     oldest_wait_s: float = 0.0  # age of the oldest queued job; 0 when nothing is queued
     workers: tuple[WorkerInfo, ...] = ()
-    # Per-bucket depths, for the log line; sizing uses the total.
-    queued_by_bucket: Mapping[str, int] = field(default_factory=dict)
+    expired_leases: int = 0  # running jobs whose lease ran out (the sweep hands them back)
 
     @property
     def backlog(self) -> int:

@@ -22,7 +22,9 @@ from core.processes import stop_process
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_KEYS = "alice:key-alice,bob:key-bob"
+ALICE_KEY = "key-alice-6f1d2c9a8b7e4f30a5d1"
+BOB_KEY = "key-bob-0c3e5a7b9d1f2e4c6a8b0d"
+TEST_KEYS = f"alice:{ALICE_KEY},bob:{BOB_KEY}"
 
 
 @pytest.fixture(scope="session")
@@ -150,7 +152,7 @@ def gateway(env: dict[str, str], gateway_factory: Callable[[dict[str, str]], Gat
     return gateway_factory(env)
 
 
-def client_for(gw: Gateway, key: str = "key-alice") -> httpx.Client:
+def client_for(gw: Gateway, key: str = ALICE_KEY) -> httpx.Client:
     """An HTTP client with a tenant's key."""
     return httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 

@@ -21,8 +21,6 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from core.errors import ConfigError
-from core.keys import broker_lists
-from core.settings import Settings
 from scaler.backends import DELETION_COST, DockerBackend, KubernetesBackend, WorkerHandle
 
 docker = pytest.importorskip("docker")
@@ -381,12 +379,3 @@ def test_k8s_drain_unmarks_the_pod_when_scaling_is_refused() -> None:
 
 
 # --- KEDA -------------------------------------------------------------------------------------
-
-
-def test_the_keda_example_adds_up_every_list_of_the_queue() -> None:
-    yaml = pytest.importorskip("yaml")
-    spec = yaml.safe_load(KEDA_EXAMPLE.read_text())["spec"]
-    queue = Settings.model_fields["queue_name"].default
-    assert [t["metadata"]["listName"] for t in spec["triggers"]] == broker_lists(queue)
-    names = " + ".join(t["name"] for t in spec["triggers"])
-    assert spec["advanced"]["scalingModifiers"]["formula"] == names

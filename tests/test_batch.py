@@ -10,12 +10,12 @@ import pytest
 import redis
 from PIL.Image import Image
 
-from core import keys
-from core.jobs import Bucket, JobRequest, JobStatus, Metrics, new_job_id
-from core.messages import generate_message
+from core.broker import generate_message
+from core.jobs import Bucket, JobStatus
 from core.storage import FileStore
-from core.store import JobStore, Ledger, encode
+from core.store import Change, DispatchConfig, JobRecord, JobStore, Ledger
 from tests.conftest import WorkerProcess
+from tests.test_store import record
 from worker.batch import BatchContext, run_batch
 from worker.batcher import Limits
 from worker.inference import Engine, Row, StepHook
@@ -78,29 +78,25 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 
 
 def queued(store: JobStore, prompt: str) -> str:
-    """A queued job in the ledger."""
-    job_id = new_job_id()
-    request = JobRequest(prompt=prompt, width=64, height=64, steps=2, seed=3)
-    fields = encode(
-        tenant="t",
-        status="queued",
-        attempt=0,
-        created_at=time.time(),
-        request=request,
-        metrics=Metrics(),
-    )
-    store.redis.hset(keys.job(job_id), mapping=fields)
-    return job_id
+    """A job submitted and dispatched (the window is wide enough here)."""
+    rec = record(prompt=prompt, steps=2, seed=3, model="tiny")
+    assert store.submit(rec).outcome == "created"
+    return rec.id
+
+
+def wide(rclient: redis.Redis) -> JobStore:
+    """A ledger whose window holds every job these tests submit."""
+    return JobStore(rclient, Ledger(dispatch=DispatchConfig(margin=50)))
 
 
 def test_one_bad_row_fails_alone_and_the_others_run_without_it(
     rclient: redis.Redis, engine: Engine, tmp_path: Path
 ) -> None:
-    store = JobStore(rclient, Ledger())
+    store = wide(rclient)
     poisoned = PoisonedEngine(engine)
     ctx = BatchContext(store, FileStore(tmp_path, b"k"), poisoned, "w", 30.0, 0.0)
     ids = [queued(store, p) for p in ("first", "poison", "last")]
-    records = [r for r in store.get_many(ids) if r]
+    records = [r for r in store.get_many(ids) if isinstance(r, JobRecord)]
     assert run_batch(ctx, records, BUCKET, capacity=4) == 2
     assert poisoned.calls == [["first", "poison", "last"], ["first"], ["poison"], ["last"]]
     first, poison, last = (store.get(i) for i in ids)
@@ -121,12 +117,12 @@ def test_one_bad_row_fails_alone_and_the_others_run_without_it(
 def test_a_job_that_left_the_queue_is_not_run(
     rclient: redis.Redis, engine: Engine, tmp_path: Path
 ) -> None:
-    store = JobStore(rclient, Ledger())
+    store = wide(rclient)
     poisoned = PoisonedEngine(engine)
     ctx = BatchContext(store, FileStore(tmp_path, b"k"), poisoned, "w", 30.0, 0.0)
     kept, canceled = queued(store, "kept"), queued(store, "gone")
-    records = [r for r in store.get_many([kept, canceled]) if r]
-    store.transition(canceled, JobStatus.CANCELED)
+    records = [r for r in store.get_many([kept, canceled]) if isinstance(r, JobRecord)]
+    store.must(Change("cancel", canceled))
     run_batch(ctx, records, BUCKET, capacity=4)
     assert poisoned.calls == [["kept"]]
 
@@ -135,14 +131,15 @@ def test_a_redelivered_finished_job_is_settled_without_a_run(
     env: dict[str, str], rclient: redis.Redis, worker_factory: Callable[..., WorkerProcess]
 ) -> None:
     worker = worker_factory(env)
-    store = JobStore(rclient, Ledger())
+    store = wide(rclient)
     job_id = queued(store, "once")
     rclient.lpush("dq.jobs", generate_message(job_id, "dq.jobs"))
     deadline = time.monotonic() + 60
     while (record := store.get(job_id)) and record.status is not JobStatus.SUCCEEDED:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    rclient.lpush("dq.jobs", generate_message(job_id, "dq.jobs"))  # a duplicate delivery
+    queue = store.ledger.queue_of("tiny")
+    rclient.lpush(queue, generate_message(job_id, queue))  # a duplicate delivery
     while "message settled without a run" not in worker.log_path.read_text():
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -150,13 +147,13 @@ def test_a_redelivered_finished_job_is_settled_without_a_run(
     again = store.get(job_id)
     assert again is not None
     assert (again.status, again.attempt) == (JobStatus.SUCCEEDED, 1)
-    assert rclient.llen("dq.jobs") == 0
+    assert rclient.llen(queue) == 0
 
 
 def test_the_runner_stores_one_batch_while_the_pipeline_runs_the_next(
     rclient: redis.Redis, engine: Engine, tmp_path: Path
 ) -> None:
-    store = JobStore(rclient, Ledger())
+    store = wide(rclient)
     storage, timed = SlowStore(tmp_path, 0.4), TimedEngine(engine)
     settled: list[tuple[str, str]] = []
 
@@ -172,6 +169,7 @@ def test_the_runner_stores_one_batch_while_the_pipeline_runs_the_next(
         Limits(max_rows=1, max_pixels=10**9, timeout_s=0.0),
         lambda: BatchContext(store, storage, timed, "w@test", 30.0, 0.0),
         name="w@test",
+        model="tiny",
         queue="dq.test",
         heartbeat_s=0.1,
         prefetch=8,
@@ -187,7 +185,7 @@ def test_the_runner_stores_one_batch_while_the_pipeline_runs_the_next(
     runner.stop(10)
     assert sorted(settled) == sorted((job_id, "ack") for job_id in ids)
     records = store.get_many(ids)
-    assert [r.status for r in records if r] == [JobStatus.SUCCEEDED] * 3
+    assert [r.status for r in records if isinstance(r, JobRecord)] == [JobStatus.SUCCEEDED] * 3
     # Each call after the first began while the image of the one before was still being stored.
     assert len(timed.calls) == 3
     for (call_start, _), (_, put_end) in zip(timed.calls[1:], storage.puts, strict=False):

@@ -7,7 +7,6 @@ zero, jobs lost, and how long an up-down-up cycle takes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -25,17 +24,17 @@ import redis
 from core import heartbeats, keys
 from core.embedded import EmbeddedRedis
 from core.heartbeats import ScalerStatus, WorkerBeat, WorkerState
-from core.store import JobStore, Ledger
+from core.recovery import Recovery, RecoveryConfig
+from core.store import Change, JobStore, Ledger
 from scaler import signals
 from scaler.backends import WorkerHandle
 from scaler.loop import ControlLoop, Lock
 from scaler.policy import PolicyConfig, Signals, WorkerInfo
-from scaler.reaper import Reaper
+from scaler.signals import Reading
 from tests.conftest import (
     ROOT,
     Gateway,
     Scaler,
-    WorkerProcess,
     client_for,
     live_workers,
     settings_from,
@@ -336,31 +335,41 @@ def test_heartbeats_join_the_workers_each_backend_names() -> None:
     )
 
 
-def test_signals_read_the_queue_the_fleet_and_orphans(rclient: redis.Redis) -> None:
+def test_signals_read_the_ledgers_backlog_in_images_and_the_fleet(rclient: redis.Redis) -> None:
+    from tests.test_store import record, store_with
+
+    store = store_with(rclient, margin=2)
     now = time.time()
-    queue = "dq.jobs"
-    base, high = keys.broker_lists(queue)[:2]
-    rclient.rpush(base, "m1", "m2")
-    rclient.rpush(high, "m3")
-    rclient.zadd(keys.QUEUED, {"job_old": now - 12, "job_new": now - 1})
-    rclient.zadd(keys.RUNNING, {"job_orphan": now - 1, "job_leased": now + 30})
-    busy = beat("w1@vm", WorkerState.BUSY, buffered=3, running=4, images_per_s=1.5)
-    idle = beat("w2@vm", WorkerState.IDLE, idle_since=now - 2)
-    for b in (busy, idle):
-        heartbeats.publish(rclient, b, ttl_s=30)
-    handles = [WorkerHandle("w1@vm", "w1@vm"), WorkerHandle("w2@vm", "w2@vm")]
-    read = signals.read(rclient, queue, handles, heartbeat_ttl_s=30, stranded=2)
+    jobs = [
+        record("a", num_images=2),  # will run
+        record("a", num_images=3),  # dispatched
+        record("b", num_images=4),  # waiting
+        record("c", "low", num_images=1),  # waiting, low
+    ]
+    for rec in jobs:
+        rec = replace(rec, created_at=now - 12)
+        assert store.submit(rec).outcome == "created"
+    store.must(Change("claim", jobs[0].id, worker="w1@vm", lease=now + 30))
+    busy = beat("w1@vm", WorkerState.BUSY, model="m", prefetch=0, images_per_s=1.5)
+    idle = beat("w2@vm", WorkerState.IDLE, model="m", prefetch=8, idle_since=now - 2)
+    stale = beat("w3@vm", WorkerState.BUSY, model="m", loop_at=now - 600)  # a hung pipeline
+    for b in (busy, idle, stale):
+        heartbeats.publish(rclient, b)
+    handles = [WorkerHandle(n, n) for n in ("w1@vm", "w2@vm", "w3@vm")]
+    reading = Reading("m", heartbeat_ttl_s=30, loop_stale_s=120)
+    read = signals.read(rclient, reading, handles)
     assert read.oldest_wait_s == pytest.approx(12, abs=1)
-    assert replace(read, oldest_wait_s=12) == Signals(
-        queued=3,
-        in_flight=7,
-        orphans=3,
-        oldest_wait_s=12,
-        workers=(
-            WorkerInfo("w1@vm", WorkerState.BUSY, 1.5),
-            WorkerInfo("w2@vm", WorkerState.IDLE, None, idle.idle_since),
-        ),
+    workers = (
+        WorkerInfo("w1@vm", WorkerState.BUSY, 1.5),
+        WorkerInfo("w2@vm", WorkerState.IDLE, None, idle.idle_since),
+        WorkerInfo("w3@vm", WorkerState.DRAINING),  # its loop is stale: no capacity from it
     )
+    assert replace(read, oldest_wait_s=12) == Signals(
+        queued=3 + 4 + 1, in_flight=2, oldest_wait_s=12, workers=workers
+    )
+    # With `low` work kept from scaling, the low job's image is not backlog.
+    no_low = signals.read(rclient, replace(reading, low_scales=False), handles)
+    assert no_low.queued == 3 + 4
 
 
 class FlakyBackend:
@@ -388,9 +397,9 @@ class FlakyBackend:
 def test_a_failing_tick_does_not_stop_the_loop(rclient: redis.Redis, redis_url: str) -> None:
     backend = FlakyBackend()
     store = JobStore(rclient, Ledger.of(settings_from({"DQ_REDIS_URL": redis_url})))
-    reaper = Reaper(rclient, store, max_attempts=3, heartbeat_ttl_s=3)
+    recovery = Recovery(rclient, store, RecoveryConfig(heartbeat_ttl_s=3))
     config = PolicyConfig(min_workers=2, max_workers=2, interval_s=0.05)
-    loop = ControlLoop(rclient, backend, reaper, config, queue="dq.jobs", heartbeat_ttl_s=3)
+    loop = ControlLoop(rclient, backend, recovery, config, Reading("m", heartbeat_ttl_s=3))
     runner = threading.Thread(target=loop.run)
     runner.start()
     try:
@@ -399,41 +408,3 @@ def test_a_failing_tick_does_not_stop_the_loop(rclient: redis.Redis, redis_url: 
         loop.stop()
         runner.join(5)
     assert (backend.calls, rclient.get(keys.SCALER_LOCK)) == (2, None)  # lock released at stop
-
-
-def test_a_queued_job_whose_message_was_lost_gets_a_new_one(
-    env: dict[str, str],
-    rclient: redis.Redis,
-    client: httpx.Client,
-    worker_factory: Callable[..., WorkerProcess],
-) -> None:
-    store = JobStore(rclient, Ledger.of(settings_from(env)))
-    body = {"prompt": "lost and found", "width": 64, "height": 64, "steps": 2}
-    lost, listed, unacked = (client.post("/v1/jobs", json=body).json()["id"] for _ in range(3))
-    queue = store.ledger.queue
-    messages = {str(m) for m in rclient.lrange(queue, 0, -1)}
-    # The way kombu loses one: off the list, never written to `unacked` (the worker died between).
-    rclient.lrem(queue, 1, next(m for m in messages if lost in m))
-    # One a worker holds: in `unacked`, as kombu keeps it until the ack.
-    held = next(m for m in messages if unacked in m)
-    rclient.lrem(queue, 1, held)
-    rclient.hset(keys.UNACKED, "tag-1", json.dumps([json.loads(held), "", queue]))
-    old = time.time() - 100  # all three waited longer than the sweep's threshold
-    rclient.zadd(keys.QUEUED, {lost: old, listed: old, unacked: old})
-
-    reaper = Reaper(rclient, store, max_attempts=3, heartbeat_ttl_s=60, lost_message_s=0.3)
-    assert reaper.tick().republished == 0  # the first sweep that misses a job only notes it
-    assert reaper.tick().republished == 0  # and sweeps no more often than lost_message_s
-    time.sleep(0.35)
-    assert reaper.tick().republished == 1  # missed twice, lost_message_s apart: a new message
-    assert [m for m in rclient.lrange(queue, 0, -1) if lost in str(m)]
-    time.sleep(0.35)
-    assert reaper.tick().republished == 0  # it has one now
-    rclient.hdel(keys.UNACKED, "tag-1")  # let the worker have the held job's message back
-    rclient.rpush(queue, held)
-
-    worker_factory(env)
-    for job_id in (lost, listed, unacked):
-        done = wait_for(client, job_id)
-        assert (done["status"], done["metrics"]["attempts"]) == ("succeeded", 1)
-    assert not store.republish(lost)  # a job that left the queue is never sent again

@@ -139,7 +139,7 @@ def test_refused_at_submit(
     error = resp.json()["error"]
     assert (error["code"], error["field"]) == ("unsafe_callback_url", "webhook.url")
     assert reason in error["message"]
-    assert rclient.zcard(keys.QUEUED) == 0
+    assert int(rclient.hget(keys.STATS, "queued") or 0) == 0
     assert canary.connections == 0
 
 

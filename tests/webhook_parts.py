@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
@@ -170,6 +169,6 @@ def queued_orders(rclient: redis.Redis, queue: str) -> list[DeliveryOrder]:
     """The delivery orders waiting in the webhook queue, oldest first."""
     orders = []
     for raw in reversed(rclient.lrange(queue, 0, -1)):  # type: ignore[arg-type]
-        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        body = json.loads(json.loads(raw)["body"])
         orders.append(DeliveryOrder.model_validate(body[0][0]))
     return orders

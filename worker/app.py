@@ -18,14 +18,15 @@ from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_logger
 from redis import Redis
 
-from core.messages import GENERATE_TASK
+from core.broker import GENERATE_TASK
+from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings
 from core.storage import open_store
 from core.store import JobStore, Ledger
 from worker.batch import BatchContext
 from worker.batcher import Limits
 from worker.celeryapp import at_least_once
-from worker.runner import Delivery, Runner
+from worker.runner import Delivery, Runner, Supervision
 
 log = logging.getLogger(__name__)
 celery_log = get_logger(__name__)
@@ -36,7 +37,7 @@ def create_celery(settings: Settings) -> Celery:
     app = at_least_once(
         "diffusion-queue",
         settings,
-        settings.queue_name,
+        Ledger.of(settings).queue_of(settings.model_name),
         # One pipeline per process; the runner buffers up to two batches so the next one is ready.
         worker_concurrency=1,
         worker_prefetch_multiplier=prefetch_of(settings),
@@ -127,7 +128,17 @@ def build_runner(settings: Settings, name: str) -> Runner:
     redis = Redis.from_url(
         settings.require_redis(), decode_responses=True, socket_timeout=10, health_check_interval=30
     )
-    store = JobStore(redis, Ledger.of(settings))
+    ledger = Ledger.of(settings)
+    store = JobStore(redis, ledger)
+    storage = open_store(
+        settings.storage,
+        secret=b"",  # workers write; only the gateway signs URLs
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+    )
+    recovery = Recovery(
+        redis, store, RecoveryConfig.of(settings), storage, getattr(storage, "prefix", "")
+    )
     limits = Limits(
         max_rows=settings.max_batch_size,
         max_pixels=settings.max_batch_pixels,
@@ -140,12 +151,6 @@ def build_runner(settings: Settings, name: str) -> Runner:
         from worker.models import set_cpu_threads
 
         set_cpu_threads(settings.cpu_threads)
-        storage = open_store(
-            settings.storage,
-            secret=b"",  # workers write; only the gateway signs URLs
-            endpoint_url=settings.s3_endpoint_url,
-            region=settings.s3_region,
-        )
         engine = load_engine(settings.model, settings.model_cache, settings.device, settings.dtype)
         prefix = getattr(storage, "prefix", "")
         return BatchContext(
@@ -156,17 +161,25 @@ def build_runner(settings: Settings, name: str) -> Runner:
             lease_s=settings.lease_s,
             progress_interval_s=settings.progress_interval_s,
             prefix=prefix,
+            ledger_patience_s=settings.visibility_timeout_s,
         )
 
+    supervision = Supervision(
+        max_failures=settings.max_loop_failures,
+        cancel_grace_s=settings.cancel_grace_s,
+        sweep=recovery.offer,
+    )
     return Runner(
         redis,
         store,
         limits,
         make_context,
         name=name,
-        queue=settings.queue_name,
+        model=settings.model_name,
+        queue=ledger.queue_of(settings.model_name),
         heartbeat_s=settings.heartbeat_s,
         prefetch=prefetch_of(settings),
+        supervision=supervision,
     )
 
 

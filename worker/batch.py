@@ -10,16 +10,17 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from PIL.Image import Image
+from redis.exceptions import RedisError
 
 from core.errors import StorageError
 from core.jobs import Bucket, ErrorInfo, JobStatus, Metrics, Progress, StoredImage
 from core.storage import CONTENT_TYPES, ObjectStore, image_key, put_with_retries
-from core.store import Change, JobRecord, JobStore
+from core.store import Applied, Change, JobRecord, JobStore
 from worker.inference import Row, StepHook
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ class Claim:
         ]
 
 
+def _no_step() -> None:
+    """A loop stamp that records nothing (tests that run a batch alone)."""
+
+
 @dataclass
 class BatchContext:
     """What a batch needs from its worker."""
@@ -78,48 +83,93 @@ class BatchContext:
     lease_s: float
     progress_interval_s: float
     prefix: str = ""
+    # How long the storing side keeps retrying ledger writes while Redis is unreachable.
+    ledger_patience_s: float = 120.0
     running: dict[str, Claim] = field(default_factory=dict)  # for the heartbeat's lease renewal
+    # The claims of the pipeline call in progress. Written by the batch thread only (a new list
+    # each call); the heartbeat thread reads it to see whether a canceled call stopped in time.
+    calling: list[Claim] = field(default_factory=list)
+    calling_since: float | None = None  # monotonic start of that call
+    on_step: Callable[[], None] = _no_step  # stamps the work loop's progress for the heartbeat
+
+
+T = TypeVar("T")
+
+
+def patiently(ctx: BatchContext, what: str, write: Callable[[], T]) -> T:
+    """Retry a ledger read or write while Redis is unreachable, up to the context's patience.
+
+    An outage of the ledger is not a failure of the job: its images are made (and stored), so
+    its outcome waits for Redis instead of the batch being run again.
+    """
+    deadline = time.monotonic() + ctx.ledger_patience_s
+    pause = 0.2
+    while True:
+        try:
+            return write()
+        except RedisError as e:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("the ledger is unreachable while %s (%s); retrying", what, e)
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
 
 def claim(ctx: BatchContext, records: Sequence[JobRecord]) -> list[Claim]:
-    """Move each job queued → running under a new attempt; skip those that left the queue."""
+    """Move each dispatched job to running under a new attempt; skip those that left."""
     now = time.time()
-    taken = ctx.store.try_transitions(
-        [
-            Change(
-                record.id,
-                JobStatus.RUNNING,
-                expect_attempt=record.attempt,
-                score=now + ctx.lease_s,
-                fields={
-                    "attempt": record.attempt + 1,
-                    "started_at": now,
-                    "worker": ctx.worker,
-                    "progress": Progress(step=0, total_steps=record.request.steps),
-                },
-            )
-            for record in records
-        ]
-    )
+    changes = [
+        Change(
+            "claim",
+            record.id,
+            worker=ctx.worker,
+            lease=now + ctx.lease_s,
+            fields={
+                "started_at": now,
+                "progress": Progress(step=0, total_steps=record.request.steps),
+            },
+        )
+        for record in records
+    ]
     claims = []
-    for record, ok in zip(records, taken, strict=True):
-        if ok:
-            claims.append(Claim(record, record.attempt + 1, now))
+    for record, applied in zip(records, ctx.store.apply(changes), strict=True):
+        if applied.ok:
+            claims.append(Claim(record, applied.attempt, now))
         else:
-            log.info("job %s left the queue before it ran; skipping", record.id)
+            log.info("job %s is %s, not dispatched; skipping", record.id, applied.before or "gone")
     return claims
 
 
 def renew(ctx: BatchContext, claims: Sequence[Claim], **fields: object) -> None:
     """Extend the leases of the live claims (with `fields`, e.g. progress), in one round trip.
 
-    A claim whose write is refused was canceled (or taken from this attempt): it is live no more.
+    A claim whose write is refused was canceled, or taken from this attempt (its lease ran out
+    and the job was handed back): it is live no more, and nothing more of it is written.
     """
     live = [c for c in claims if c.live]
     lease = time.time() + ctx.lease_s
-    changes = [Change(c.job_id, JobStatus.RUNNING, c.attempt, lease, fields) for c in live]
-    for c, ok in zip(live, ctx.store.try_transitions(changes), strict=True):
-        c.live = ok
+    changes = [
+        Change("renew", c.job_id, attempt=c.attempt, worker=ctx.worker, lease=lease, fields=fields)
+        for c in live
+    ]
+    for c, applied in zip(live, ctx.store.apply(changes), strict=True):
+        c.live = applied.ok
+        if not applied.ok:
+            _refused(c, applied)
+
+
+def _refused(c: Claim, applied: Applied) -> None:
+    if applied.before == JobStatus.CANCELED.value:
+        log.info("job %s was canceled while running", c.job_id)
+    else:
+        log.warning(
+            "job %s: attempt %d no longer holds the job (it is %s, attempt %d); "
+            "its writes are refused",
+            c.job_id,
+            c.attempt,
+            applied.before or "gone",
+            applied.attempt,
+        )
 
 
 class Progressor:
@@ -131,10 +181,15 @@ class Progressor:
 
     def __call__(self, step: int) -> bool:
         """Report `step`; answer whether any row of the call is still wanted."""
+        self.ctx.on_step()
         now = time.monotonic()
         if now - self.last >= self.ctx.progress_interval_s or step == self.total:
             self.last = now
-            renew(self.ctx, self.claims, progress=Progress(step=step, total_steps=self.total))
+            try:
+                renew(self.ctx, self.claims, progress=Progress(step=step, total_steps=self.total))
+            except RedisError as e:
+                # Progress is best effort; the heartbeat keeps the lease when Redis is back.
+                log.warning("progress not written (Redis: %s); the batch goes on", e)
         wanted = any(c.live for c in self.claims)
         if not wanted:
             log.info("every row of the batch was canceled; interrupting the pipeline")
@@ -148,15 +203,25 @@ def encode(image: Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def fail(ctx: BatchContext, claim_: Claim, code: str, message: str) -> None:
-    """Mark a job failed with a short public reason (a stale attempt's write is refused)."""
-    ctx.store.try_transition(
+def failed(ctx: BatchContext, claim_: Claim, code: str, message: str) -> Change:
+    """The change that marks a job failed with a short public reason."""
+    fields = {"finished_at": time.time(), "error": ErrorInfo(code=code, message=message)}
+    return Change(
+        "finish",
         claim_.job_id,
-        JobStatus.FAILED,
-        expect_attempt=claim_.attempt,
-        finished_at=time.time(),
-        error=ErrorInfo(code=code, message=message),
+        attempt=claim_.attempt,
+        worker=ctx.worker,
+        to=JobStatus.FAILED,
+        fields=fields,
     )
+
+
+def fail(ctx: BatchContext, claim_: Claim, code: str, message: str) -> None:
+    """Mark a job failed (a stale attempt's write is refused), waiting out a ledger outage."""
+    change = failed(ctx, claim_, code, message)
+    applied = patiently(ctx, f"failing job {claim_.job_id}", lambda: ctx.store.change(change))
+    if not applied.ok:
+        _refused(claim_, applied)
 
 
 def store_images(ctx: BatchContext, claim_: Claim, images: Sequence[Image]) -> list[StoredImage]:
@@ -172,7 +237,9 @@ def store_images(ctx: BatchContext, claim_: Claim, images: Sequence[Image]) -> l
     return outputs
 
 
-def succeeded(claim_: Claim, outputs: list[StoredImage], run_s: float, call: CallInfo) -> Change:
+def succeeded(
+    ctx: BatchContext, claim_: Claim, outputs: list[StoredImage], run_s: float, call: CallInfo
+) -> Change:
     """The change that marks a stored job succeeded, with its metrics."""
     req = claim_.record.request
     fields = {
@@ -188,7 +255,14 @@ def succeeded(claim_: Claim, outputs: list[StoredImage], run_s: float, call: Cal
             attempts=claim_.attempt,
         ),
     }
-    return Change(claim_.job_id, JobStatus.SUCCEEDED, claim_.attempt, None, fields)
+    return Change(
+        "finish",
+        claim_.job_id,
+        attempt=claim_.attempt,
+        worker=ctx.worker,
+        to=JobStatus.SUCCEEDED,
+        fields=fields,
+    )
 
 
 def finish(
@@ -201,19 +275,24 @@ def finish(
     """Store each still-running job's images and mark them succeeded (one ledger write for all).
 
     A job canceled meanwhile stores nothing; one whose images the store refuses fails alone.
+    While the ledger is unreachable, the reads and writes wait for it (the images are made).
     """
-    statuses = ctx.store.statuses([c.job_id for c in claims])
+    ids = [c.job_id for c in claims]
+    statuses = patiently(ctx, "reading statuses", lambda: ctx.store.statuses(ids))
     done = []
     for claim_, made, status in zip(claims, images, statuses, strict=True):
         if status is not JobStatus.RUNNING:
             log.info("job %s was canceled while running; its images are discarded", claim_.job_id)
             continue
         try:
-            done.append(succeeded(claim_, store_images(ctx, claim_, made), run_s, call))
+            done.append(succeeded(ctx, claim_, store_images(ctx, claim_, made), run_s, call))
         except StorageError as e:
             log.error("job %s: %s", claim_.job_id, e)
-            fail(ctx, claim_, "storage_error", "the image could not be stored; retry the job")
-    ctx.store.try_transitions(done)
+            done.append(failed(ctx, claim_, "storage_error", "the image could not be stored"))
+    applied = patiently(ctx, "recording outcomes", lambda: ctx.store.apply(done))
+    for change, outcome in zip(done, applied, strict=True):
+        if not outcome.ok:
+            _refused(next(c for c in claims if c.job_id == change.job_id), outcome)
 
 
 @dataclass
@@ -239,28 +318,56 @@ class Ran:
         return sum(m.call.rows for m in self.made)
 
 
-def run_claims(ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket) -> list[Made]:
-    """One pipeline call for these claims; on error, each job again alone."""
+def run_claims(
+    ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket, capacity: int
+) -> list[Made]:
+    """One pipeline call for these claims (a job larger than `capacity` rows in several, one
+    after another, so a call never holds more pixels than the budget); on error, each job again
+    alone.
+    """
     rows = [row for c in claims for row in c.rows()]
     start = time.monotonic()
     try:
-        images = ctx.engine.generate(rows, bucket, Progressor(ctx, claims, bucket.steps))
+        images = [
+            image for part in chunks(rows, capacity) for image in call(ctx, claims, part, bucket)
+        ]
     except Exception as e:
         if len(claims) > 1:
-            log.warning("batch of %d jobs raised (%s); retrying each job alone", len(claims), e)
-            return [made for c in claims for made in run_claims(ctx, [c], bucket)]
+            log.warning("batch of jobs %s raised (%s); retrying each job alone", _ids(claims), e)
+            return [made for c in claims for made in run_claims(ctx, [c], bucket, capacity)]
         log.exception("job %s failed in the pipeline", claims[0].job_id)
         fail(ctx, claims[0], "pipeline_error", f"the model could not run this job: {e}")
         return []
     run_s = time.monotonic() - start
-    call = CallInfo(batch_id=uuid.uuid4().hex[:12], rows=len(rows), done_at=time.time())
+    log.info("ran batch of jobs %s: %d image(s) in %.2f s", _ids(claims), len(rows), run_s)
+    call_info = CallInfo(batch_id=uuid.uuid4().hex[:12], rows=len(rows), done_at=time.time())
     per_job: list[list[Image]] = []
     offset = 0
     for c in claims:
         n = c.record.request.num_images
         per_job.append(images[offset : offset + n])
         offset += n
-    return [Made(list(claims), per_job, run_s, call)]
+    return [Made(list(claims), per_job, run_s, call_info)]
+
+
+def call(
+    ctx: BatchContext, claims: Sequence[Claim], rows: Sequence[Row], bucket: Bucket
+) -> list[Image]:
+    """One pipeline call; the heartbeat can see which claims it serves, and since when."""
+    ctx.calling, ctx.calling_since = list(claims), time.monotonic()
+    try:
+        return ctx.engine.generate(rows, bucket, Progressor(ctx, claims, bucket.steps))
+    finally:
+        ctx.calling, ctx.calling_since = [], None
+
+
+def chunks(rows: Sequence[Row], size: int) -> list[list[Row]]:
+    """Rows in consecutive groups of at most `size`."""
+    return [list(rows[i : i + size]) for i in range(0, len(rows), max(1, size))]
+
+
+def _ids(claims: Sequence[Claim]) -> str:
+    return ",".join(c.job_id for c in claims)
 
 
 def run_models(
@@ -271,7 +378,9 @@ def run_models(
     for c in claims:
         ctx.running[c.job_id] = c  # the heartbeat renews their leases until they are stored
     try:
-        made = [m for group in split(claims, capacity) for m in run_claims(ctx, group, bucket)]
+        made = [
+            m for group in split(claims, capacity) for m in run_claims(ctx, group, bucket, capacity)
+        ]
     except BaseException:
         release(ctx, claims)
         raise

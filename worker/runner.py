@@ -3,8 +3,14 @@
 Celery's consumer thread calls `offer()` for each message; one runner thread forms batches with the
 pure `batcher.pick` and runs their pipeline calls; a storing thread encodes and stores each batch's
 images and finishes its jobs while the next batch runs (one batch at a time, so images never pile
-up); a heartbeat thread renews leases and reports to the scaler. Messages are acked only after the
-ledger holds the job's outcome, and handed back on a drain.
+up); a heartbeat thread renews leases, reports to the scaler and offers to run the recovery sweep.
+Messages are acked only after the ledger holds the job's outcome; on a drain, buffered jobs go
+back to the front of their tenant's line.
+
+No thread dies silently. A failure of the batch loop is logged with its jobs and retried after a
+pause; a model that cannot load, or the same failure `max_failures` times in a row, ends the
+process with a non-zero code so that its supervisor replaces it. So does a call whose every row
+was canceled and that will not stop: a worker would rather restart than finish work nobody wants.
 """
 
 from __future__ import annotations
@@ -20,21 +26,25 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.exceptions import RedisError
 
-from core import heartbeats, keys
+from core import broker, heartbeats
 from core.heartbeats import WorkerBeat, WorkerState
 from core.jobs import Bucket, JobStatus
-from core.store import JobRecord, JobStore
+from core.store import Change, JobRecord, JobStore, Unreadable
 from worker.batch import BatchContext, Ran, renew, run_models, store_batch
 from worker.batcher import Limits, Pending, pick
 
 log = logging.getLogger(__name__)
+
+EXIT_MODEL_FAILED = 3  # the model could not be loaded
+EXIT_LOOP_FAILED = 4  # the batch loop failed the same way too many times in a row
+EXIT_ABANDONED = 5  # a canceled call would not stop: restart rather than finish it
 
 
 @dataclass(frozen=True)
 class Delivery:
     """Settling one broker message: via Celery's event loop, or directly once that stopped."""
 
-    tag: str  # the broker's delivery tag: the reaper restores tags no live worker holds
+    tag: str  # the broker's delivery tag
     ack_soon: Callable[[], object]
     requeue_soon: Callable[[], object]
     ack_now: Callable[[], object]
@@ -42,19 +52,28 @@ class Delivery:
 
 
 class Throughput:
-    """Images per second, smoothed over recent batches."""
+    """A rate smoothed over recent batches."""
 
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
         self.value: float | None = None
 
-    def add(self, images: int, seconds: float) -> None:
+    def add(self, amount: float, seconds: float) -> None:
         """Fold one batch in."""
-        if images and seconds > 0:
-            rate = images / seconds
+        if amount and seconds > 0:
+            rate = amount / seconds
             self.value = (
                 rate if self.value is None else self.alpha * rate + (1 - self.alpha) * self.value
             )
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """How the worker watches itself."""
+
+    max_failures: int = 5  # the same batch-loop failure this many times in a row: exit
+    cancel_grace_s: float = 10.0  # a fully canceled call still running after this: exit
+    sweep: Callable[[], object] | None = None  # the recovery sweep this worker offers to run
 
 
 class Runner:
@@ -68,13 +87,19 @@ class Runner:
         make_context: Callable[[], BatchContext],
         *,
         name: str,
+        model: str,
         queue: str,
         heartbeat_s: float,
         prefetch: int,
+        supervision: Supervision | None = None,
+        exit: Callable[[int], None] = os._exit,
     ) -> None:
         self.redis, self.store, self.limits = redis, store, limits
         self.make_context = make_context
-        self.name, self.queue, self.heartbeat_s, self.prefetch = name, queue, heartbeat_s, prefetch
+        self.name, self.model, self.queue = name, model, queue
+        self.heartbeat_s, self.prefetch = heartbeat_s, prefetch
+        self.supervision = supervision or Supervision()
+        self.exit = exit
         self.cond = threading.Condition()
         self.inbox: list[tuple[str, Delivery, float]] = []  # received, not yet read from the ledger
         self.pending: list[Pending[Delivery]] = []
@@ -87,10 +112,13 @@ class Runner:
         self.stopping = threading.Event()  # the batch loop takes no new batch
         self.silenced = threading.Event()  # the heartbeat stops (after the last batch)
         self.started_at = time.time()
+        self.loop_at: float | None = None  # the work loop's last iteration or denoising step
         self.idle_since: float | None = None
         self.rate = Throughput()
+        self.unit_rate = Throughput()
         self.ctx: BatchContext | None = None
         self.threads: list[threading.Thread] = []
+        self.failures: tuple[str, int] = ("", 0)  # the last loop failure and how often in a row
 
     # --- called from Celery's consumer thread -------------------------------------------------
 
@@ -110,37 +138,85 @@ class Runner:
             self.threads.append(thread)
 
     def stop(self, timeout: float) -> None:
-        """Drain: finish the running batch, hand buffered messages back, stop beating."""
+        """Drain: finish the running batch, hand buffered jobs back, stop beating."""
         self.stopping.set()
         with self.cond:
             self.cond.notify_all()
         self.threads[0].join(timeout)
         self._wait_stored()
-        with self.cond:
-            returned = [d for _, d, _ in self.inbox] + [p.handle for p in self.pending]
-            self.inbox.clear()
-            self.pending.clear()
-        for delivery in returned:
-            delivery.requeue_now()
-        log.info("drained: %d buffered message(s) handed back to the queue", len(returned))
+        self._hand_back()
         self.silenced.set()
         self.threads[1].join(timeout=2)
         try:
-            heartbeats.retire(self.redis, self.name)
+            heartbeats.retire(self.redis, self.name, self.model)
         except RedisError:
             log.warning("could not retire heartbeat of %s", self.name)
+
+    def _hand_back(self) -> None:
+        """Buffered jobs go back to the front of their tenant's line; their messages are acked."""
+        with self.cond:
+            returned = [(j, d) for j, d, _ in self.inbox] + [
+                (p.job_id, p.handle) for p in self.pending
+            ]
+            self.inbox.clear()
+            self.pending.clear()
+        for job_id, delivery in returned:
+            try:
+                self.store.change(Change("handback", job_id))
+                delivery.ack_now()
+            except RedisError:
+                delivery.requeue_now()  # the ledger is away: the message goes back instead
+        log.info("drained: %d buffered job(s) handed back", len(returned))
+
+    def fatal(self, code: int, why: str) -> None:
+        """End the process for its supervisor to replace it, handing back what can be."""
+        log.critical("worker %s exits (code %d): %s", self.name, code, why)
+        self.stopping.set()
+        try:
+            self._hand_back()
+            heartbeats.retire(self.redis, self.name, self.model)
+        except Exception:  # on the way out: the ledger's recovery covers what is left
+            log.exception("could not hand back before exiting")
+        logging.shutdown()
+        self.exit(code)
 
     # --- the batch loop ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self.ctx = self.make_context()  # loads the model: the slow part of starting
-        log.info("worker %s ready", self.name)
+        try:
+            self.ctx = self.make_context()  # loads the model: the slow part of starting
+        except Exception as e:
+            log.exception("the model could not be loaded")
+            self.fatal(EXIT_MODEL_FAILED, f"the model could not be loaded: {e}")
+            return
+        self.ctx.on_step = self._stamp
+        log.info("worker %s ready (model %s)", self.name, self.model)
         while not self.stopping.is_set():
+            self._stamp()
             try:
                 self._step()
+                self.failures = ("", 0)
             except RedisError as e:
                 log.warning("Redis unavailable (%s); retrying in 1 s", e)
                 time.sleep(1)
+            except Exception as e:
+                self._failed(e)
+
+    def _stamp(self) -> None:
+        self.loop_at = time.time()
+
+    def _failed(self, error: Exception) -> None:
+        """A failure of the loop itself (not of a job): log it with its jobs, pause, maybe exit."""
+        kind = f"{type(error).__name__}: {error}"
+        seen, times = self.failures
+        times = times + 1 if kind == seen else 1
+        self.failures = (kind, times)
+        with self.cond:
+            held = [p.job_id for p in self.pending] + [j for j, _, _ in self.inbox]
+        log.exception("the batch loop failed (%d in a row); jobs held: %s", times, held)
+        if times >= self.supervision.max_failures:
+            self.fatal(EXIT_LOOP_FAILED, f"the batch loop failed {times} times in a row: {kind}")
+        time.sleep(min(2.0**times * 0.1, 5.0))
 
     def _step(self) -> None:
         self._hydrate()
@@ -166,21 +242,19 @@ class Runner:
         start = time.monotonic()
         try:
             ran = run_models(self.ctx, records, bucket, self.limits.capacity(bucket))
-        except RedisError:
-            # The ledger is unreachable: keep the messages unacked so they come back.
+        except BaseException:
+            # The claims failed (the ledger is away) or the loop broke: the messages go back,
+            # and the ledger decides what runs.
             self._settle_all(deliveries, ack=False)
-            self.running, self.current = 0, []
             raise
-        except Exception:
-            log.exception("batch of %d job(s) crashed; their messages go back", len(batch))
-            self._settle_all(deliveries, ack=False)
+        finally:
             self.running, self.current = 0, []
-            return
-        self.rate.add(ran.images, time.monotonic() - start)
+        seconds = time.monotonic() - start
+        self.rate.add(ran.images, seconds)
+        self.unit_rate.add(sum(c.record.units for c in ran.claims), seconds)
         self._wait_stored()  # the batch before this one
         # Held by the storing thread from here: the heartbeat never loses sight of these tags.
         self.storing = deliveries
-        self.running, self.current = 0, []
         self.stored = self.store_thread.submit(self._store, ran, deliveries)
 
     def _store(self, ran: Ran, deliveries: Sequence[Delivery]) -> None:
@@ -189,9 +263,11 @@ class Runner:
         try:
             store_batch(self.ctx, ran)
         except Exception:
-            # Ledger or store unreachable: the messages come back and the ledger decides.
+            # Ledger or store unreachable for longer than the patience: the messages come back
+            # and the ledger decides.
             log.exception(
-                "storing a batch of %d job(s) failed; their messages go back", len(ran.claims)
+                "storing the batch of jobs %s failed; their messages go back",
+                ",".join(c.job_id for c in ran.claims),
             )
             self._settle_all(deliveries, ack=False)
         else:
@@ -202,8 +278,8 @@ class Runner:
     def _wait_stored(self) -> None:
         """Block until the batch being stored is stored and settled."""
         if self.stored is not None:
-            self.stored.result()
-            self.stored = None
+            stored, self.stored = self.stored, None
+            stored.result()
 
     def _settle_all(self, deliveries: Sequence[Delivery], *, ack: bool) -> None:
         for delivery in deliveries:
@@ -220,10 +296,7 @@ class Runner:
         """True while the broker holds messages this worker could still receive."""
         if len(self.pending) + len(self.inbox) >= self.prefetch:
             return False
-        pipe = self.redis.pipeline(transaction=False)
-        for name in keys.broker_lists(self.queue):
-            pipe.llen(name)
-        return sum(int(n) for n in pipe.execute()) > 0
+        return broker.waiting(self.redis, [self.queue]) > 0
 
     def _hydrate(self) -> None:
         """Read the jobs of newly received messages; settle those that need no run."""
@@ -231,10 +304,18 @@ class Runner:
             inbox, self.inbox = self.inbox, []
         if not inbox:
             return
-        records = self.store.get_many([job_id for job_id, _, _ in inbox])
+        try:
+            records = self.store.get_many([job_id for job_id, _, _ in inbox])
+        except BaseException:
+            with self.cond:  # nothing received is ever forgotten: read them next time
+                self.inbox[:0] = inbox
+            raise
         fresh = []
         for (job_id, delivery, arrived), record in zip(inbox, records, strict=True):
-            if record is None or record.status is not JobStatus.QUEUED or job_id in self.records:
+            if isinstance(record, Unreadable):
+                self._quarantine(job_id, record.reason, delivery)
+                continue
+            if record is None or not _dispatched(record) or job_id in self.records:
                 log.info(
                     "job %s is %s; message settled without a run",
                     job_id,
@@ -248,16 +329,42 @@ class Runner:
         with self.cond:
             self.pending.extend(fresh)
 
+    def _quarantine(self, job_id: str, reason: str, delivery: Delivery) -> None:
+        log.error("job %s: its record cannot be read (%s); it is set aside", job_id, reason)
+        self.store.quarantine(job_id)
+        self._settle(delivery, ack=True)
+
     # --- heartbeat ---------------------------------------------------------------------------
 
     def _beat_loop(self) -> None:
         while True:
             try:
                 self.beat()
+                self._watch_canceled_call()
+                if self.supervision.sweep is not None and self.ctx is not None:
+                    self.supervision.sweep()
             except RedisError as e:
                 log.warning("heartbeat failed: %s", e)
+            except Exception:
+                log.exception("heartbeat failed; beating on")
             if self.silenced.wait(self.heartbeat_s):
                 return
+
+    def _watch_canceled_call(self) -> None:
+        """Abandon a call whose rows were all canceled and that has not stopped in time."""
+        ctx = self.ctx
+        if ctx is None or not ctx.calling or ctx.calling_since is None:
+            return
+        calling = ctx.calling
+        if any(c.live for c in calling):
+            return
+        since = getattr(self, "_dead_call", None)
+        if since is None or since[0] is not calling:
+            self._dead_call = (calling, time.monotonic())
+            return
+        if time.monotonic() - since[1] >= self.supervision.cancel_grace_s:
+            ids = ",".join(c.job_id for c in calling)
+            self.fatal(EXIT_ABANDONED, f"every row of the call ({ids}) was canceled; not waiting")
 
     def current_state(self, busy: bool) -> WorkerState:
         """What the worker is doing now, read off its threads rather than kept by hand."""
@@ -273,18 +380,21 @@ class Runner:
         return WorkerState.IDLE
 
     def beat(self) -> None:
-        """Renew the leases of running jobs and publish this worker's state."""
+        """Renew the leases of running jobs, publish this worker's state, feed its window."""
         ctx = self.ctx
         if ctx is not None:
             renew(ctx, list(ctx.running.values()))
         with self.cond:
             buffered = len(self.pending) + len(self.inbox)
             held = [d.tag for _, d, _ in self.inbox] + [p.handle.tag for p in self.pending]
+            jobs = [j for j, _, _ in self.inbox] + [p.job_id for p in self.pending]
         held += [d.tag for d in self.current] + [d.tag for d in self.storing]
+        jobs += list(ctx.running) if ctx is not None else []
         beat = WorkerBeat(
             name=self.name,
             state=self.current_state(bool(buffered or self.running or self.storing)),
             images_per_s=self.rate.value,
+            units_per_s=self.unit_rate.value,
             buffered=buffered,
             running=self.running,
             pid=os.getpid(),
@@ -292,5 +402,16 @@ class Runner:
             idle_since=self.idle_since,
             at=time.time(),
             held=held,
+            jobs=jobs,
+            model=self.model,
+            prefetch=self.prefetch if ctx is not None and not self.stopping.is_set() else 0,
+            loop_at=self.loop_at,
         )
-        heartbeats.publish(self.redis, beat, ttl_s=self.heartbeat_s * 3)
+        heartbeats.publish(self.redis, beat)
+        if ctx is not None and not self.stopping.is_set():
+            self.store.dispatch(self.model)  # a worker that came up, or has room, is fed now
+
+
+def _dispatched(record: JobRecord) -> bool:
+    """A job a worker may claim: queued and dispatched (a stale message's job is neither)."""
+    return record.status is JobStatus.QUEUED and record.dispatched_at is not None

@@ -24,15 +24,17 @@ from celery.exceptions import Reject
 from redis import Redis
 from redis.exceptions import RedisError
 
+from core import keys
+from core.broker import DELIVER_TASK
 from core.callbacks import Attempt, deliver, is_retryable, next_delay
 from core.deliveries import DeliveryLog, RetrySchedule
 from core.events import DeliveryOrder, DeliveryRecord, Outcome, payload
 from core.jobs import to_datetime
-from core.messages import DELIVER_TASK
 from core.settings import Settings
 from core.signing import signature_headers
 from core.storage import ObjectStore, open_store
 from core.store import JobRecord, JobStore, Ledger
+from core.tenants import signing_secrets
 from core.urlguard import GuardedUrl, HostNotFound, Resolver, UnsafeUrl, check_url, resolve_host
 from core.views import outputs_with_urls, public_job
 from worker.celeryapp import at_least_once, run
@@ -98,7 +100,8 @@ def send(sender: Sender, order: DeliveryOrder) -> DeliveryRecord | None:
         return None
     if not order.manual and receiver_gone(sender.log.read(order.job_id)):
         return give_up(sender, order, "skipped", "the receiver answered 410 Gone; not sent")
-    if not sender.settings.webhook_signing_secrets(record.tenant):
+    signers = tenant_secrets(sender, record.tenant)
+    if not signers:
         return give_up(sender, order, "refused", "no webhook secret is configured to sign with")
     try:
         target = check_url(
@@ -111,21 +114,31 @@ def send(sender: Sender, order: DeliveryOrder) -> DeliveryRecord | None:
     except UnsafeUrl as e:
         return give_up(sender, order, "refused", e.reason)
     else:
-        attempt = post(sender, order, record, target)
+        attempt = post(sender, order, record, target, signers)
     schedule = sender.settings.webhook_retry_schedule
     outcome, delay = decide(attempt, order.attempt, schedule, sender.rng)
     return settle(sender, order, attempt, outcome, delay)
 
 
-def post(sender: Sender, order: DeliveryOrder, record: JobRecord, target: GuardedUrl) -> Attempt:
+def tenant_secrets(sender: Sender, tenant: str) -> list[str]:
+    """The secrets that sign this tenant's deliveries (its own by default)."""
+    versions = sender.store.redis.hget(keys.tenant(tenant), "webhook_versions")
+    return signing_secrets(sender.settings, tenant, None if versions is None else str(versions))
+
+
+def post(
+    sender: Sender,
+    order: DeliveryOrder,
+    record: JobRecord,
+    target: GuardedUrl,
+    signers: list[str],
+) -> Attempt:
     """Sign the job's current JSON and POST it once to the checked addresses."""
     settings = sender.settings
     outputs = outputs_with_urls(record.outputs, sender.storage, settings.url_ttl_s, sender.base_url)
     job = public_job(record, outputs=outputs).model_dump(mode="json", exclude={"webhook"})
-    body = payload(order, job)
-    headers = signature_headers(
-        settings.webhook_signing_secrets(record.tenant), order.webhook_id, int(time.time()), body
-    )
+    body = payload(order, job, record.tenant)
+    headers = signature_headers(signers, order.webhook_id, int(time.time()), body)
     return deliver(
         target,
         body,

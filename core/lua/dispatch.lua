@@ -1,0 +1,3 @@
+-- dispatch.lua: fill one model's window now (a worker came up, an admin resumed dispatch).
+-- A = {model, d}
+return dispatch(A.model)
