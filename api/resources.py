@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from api.watch import Watcher
-from core import heartbeats
+from core import connections, heartbeats
 from core.settings import Settings
 from core.storage import FileStore, S3Store, open_store
 from core.store import AsyncJobStore, Ledger
@@ -86,14 +86,7 @@ def url_secret(settings: Settings) -> bytes:
 
 def build(settings: Settings) -> Resources:
     """Connect everything the gateway needs."""
-    redis = Redis.from_url(
-        settings.require_redis(),
-        decode_responses=True,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        health_check_interval=30,
-        max_connections=512,
-    )
+    redis = connections.async_client(settings, max_connections=512)
     tenants = {hash_key(k): t for k, t in settings.tenants().items()}
     if not tenants:
         log.warning("DQ_API_KEYS is empty: the API is OPEN, anyone who reaches it can submit jobs")
@@ -105,5 +98,5 @@ def build(settings: Settings) -> Resources:
     )
     jobs = AsyncJobStore(redis, Ledger.of(settings))
     throughput = Throughput(redis, settings.heartbeat_s * 3)
-    watcher = Watcher(settings.require_redis())
+    watcher = Watcher(connections.subscriber_client(settings))
     return Resources(settings, redis, jobs, storage, tenants, watcher, throughput)

@@ -37,6 +37,7 @@ class WorkerBeat(BaseModel):
     idle_since: float | None = None
     at: float
     held: list[str] = []  # broker delivery tags of the messages it holds (buffered or running)
+    loop_at: float | None = None  # epoch s of the work loop's last iteration or denoising step
 
 
 def publish(redis: Redis, beat: WorkerBeat, ttl_s: float) -> None:

@@ -9,8 +9,7 @@ import signal
 import sys
 from typing import TypeVar
 
-from redis import Redis
-
+from core import connections
 from core.errors import ConfigError
 from core.settings import Settings, load_settings
 from core.store import JobStore, Ledger
@@ -64,7 +63,7 @@ def backend_of(name: str, settings: Settings) -> ScaleBackend:
 
 def build(settings: Settings, args: argparse.Namespace) -> tuple[ControlLoop, ScaleBackend]:
     """The control loop and the backend it drives, connected to Redis."""
-    redis = Redis.from_url(settings.require_redis(), decode_responses=True, socket_timeout=10)
+    redis = connections.sync_client(settings)
     heartbeat_ttl = settings.heartbeat_s * 3
     reaper = Reaper(
         redis,

@@ -16,8 +16,8 @@ from typing import Any
 from celery import Celery, Task, bootsteps
 from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_logger
-from redis import Redis
 
+from core import connections
 from core.messages import GENERATE_TASK
 from core.settings import Settings
 from core.storage import open_store
@@ -124,9 +124,7 @@ class BatchingStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 def build_runner(settings: Settings, name: str) -> Runner:
     """Connect the runner to Redis, the ledger and storage; it loads the model itself."""
-    redis = Redis.from_url(
-        settings.require_redis(), decode_responses=True, socket_timeout=10, health_check_interval=30
-    )
+    redis = connections.sync_client(settings)
     store = JobStore(redis, Ledger.of(settings))
     limits = Limits(
         max_rows=settings.max_batch_size,
