@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,13 +106,22 @@ def every_expression() -> dict[str, str]:
 # --- promtool --------------------------------------------------------------------------------
 
 
+def find_promtool() -> str:
+    """Debian's promtool (package `prometheus`): on PATH, or where `./dq test` puts it."""
+    beside = Path(sys.executable).parent / "promtool"
+    found = shutil.which("promtool") or (str(beside) if beside.is_file() else None)
+    if found is None:
+        pytest.skip(
+            "promtool is not installed: `apt-get install prometheus`, or run `./dq test`, which"
+            " takes it out of that package into .venv/bin"
+        )
+    return found
+
+
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    """Debian's promtool (package `prometheus`); `./dq test` installs it where it runs as root."""
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.skip("promtool is not installed: `apt-get install prometheus` (./dq test does)")
-    return found
+    """The promtool to run."""
+    return find_promtool()
 
 
 def run_promtool(promtool: str, *args: str, cwd: Path = PROMETHEUS) -> str:
