@@ -4,6 +4,7 @@ failover. Real processes on loopback: a master, a replica, three sentinels, a ga
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from core import connections, heartbeats
+from core import connections, heartbeats, keys
 from core.connections import Broker, RedisTarget
 from core.embedded import free_port, redis_binary
 from core.errors import ConfigError
@@ -130,16 +131,30 @@ def test_jobs_finish_before_and_after_the_master_dies(
         with client_for(gateway) as client:
             before = submit_and_finish(client, "a lighthouse before the failover")
             assert before["status"] == "succeeded"
-            # The job went to the master, in the URL's database.
+            # The job went to the master, in the URL's database; the gateway listens there.
             with redis.Redis(port=cluster.master.port, db=3) as direct:
                 assert direct.exists(f"dq:job:{before['id']}") == 1
+                assert direct.pubsub_numsub(keys.CHANGES) == [(keys.CHANGES.encode(), 1)]
 
             cluster.master.process.kill()  # SIGKILL: no goodbye to anyone
+            killed = time.monotonic()
             wait_until(lambda: cluster.master_port() == {cluster.replica.port}, 30, "the failover")
+            promoted = time.monotonic() - killed
             after = submit_and_finish(client, "a lighthouse after the failover")
             assert after["status"] == "succeeded", after
+            print(
+                f"\nSentinel failover: replica promoted {promoted:.1f} s after the kill, "
+                f"a job submitted then done {time.monotonic() - killed:.1f} s after the kill"
+            )
             # The first job's record survived on the promoted replica, and reads still find it.
             assert client.get(f"/v1/jobs/{before['id']}").json()["status"] == "succeeded"
+            # The gateway's change subscription moved to the new master.
+            promoted_master = cluster.replica.client
+            wait_until(
+                lambda: promoted_master.pubsub_numsub(keys.CHANGES) == [(keys.CHANGES, 1)],
+                10,
+                "the gateway to subscribe on the new master",
+            )
         assert [b.name for b in heartbeats.live(ledger, 30)] == [name]
     finally:
         worker.stop()
