@@ -29,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from core.errors import ConfigError
 from core.settings import Settings
 
 CONNECT_TIMEOUT_S = 2.0
@@ -53,19 +54,21 @@ class RedisTarget:
     def of(cls, settings: Settings) -> RedisTarget:
         """The target the settings name (DQ_REDIS_URL, DQ_REDIS_SENTINELS, DQ_REDIS_MASTER)."""
         secret = settings.redis_sentinel_password
+        url = settings.require_redis()
+        if settings.redis_sentinels and url.startswith("rediss://"):
+            # kombu's Sentinel transport would connect without TLS: refuse rather than leak.
+            raise ConfigError("TLS to Redis behind Sentinel is not supported: use redis://")
         return cls(
-            url=settings.require_redis(),
+            url=url,
             sentinels=settings.redis_sentinels,
             master=settings.redis_master,
             sentinel_password=secret.get_secret_value() if secret else None,
         )
 
     def login(self) -> dict[str, Any]:
-        """The master's database, user, password and TLS, read from the URL."""
+        """The master's database, user and password, read from the URL."""
         parsed = parse_url(self.url)  # type: ignore[no-untyped-call]
-        keys = ("db", "username", "password")
-        login = {k: parsed[k] for k in keys if parsed.get(k) is not None}
-        return login | ({"ssl": True} if self.url.startswith("rediss://") else {})
+        return {k: parsed[k] for k in ("db", "username", "password") if parsed.get(k) is not None}
 
     def sentinel_options(self) -> dict[str, Any]:
         """How to talk to the sentinels themselves."""

@@ -188,8 +188,14 @@ def test_without_sentinels_the_broker_is_the_url() -> None:
 
 
 def test_the_master_login_comes_from_the_url() -> None:
-    target = RedisTarget("rediss://dq:secret@ignored:6380/5")
-    assert target.login() == {"db": 5, "username": "dq", "password": "secret", "ssl": True}
+    target = RedisTarget("redis://dq:secret@ignored:6380/5")
+    assert target.login() == {"db": 5, "username": "dq", "password": "secret"}
+
+
+def test_tls_through_sentinel_is_refused_rather_than_dropped() -> None:
+    settings = load_settings(redis_url="rediss://:pw@x/0", redis_sentinels="s:26379")
+    with pytest.raises(ConfigError, match="TLS to Redis behind Sentinel"):
+        connections.celery_broker(settings)
 
 
 def test_a_malformed_sentinel_list_is_refused_at_start() -> None:
