@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from api.keys import Keys
 from api.watch import Watcher
-from core import heartbeats
+from core import connections, heartbeats
 from core.settings import Settings
 from core.storage import FileStore, S3Store, open_store
 from core.store import AsyncJobStore, Ledger
@@ -85,14 +85,7 @@ def url_secret(settings: Settings) -> bytes:
 
 def build(settings: Settings) -> Resources:
     """Connect everything the gateway needs."""
-    redis = Redis.from_url(
-        settings.require_redis(),
-        decode_responses=True,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        health_check_interval=30,
-        max_connections=512,
-    )
+    redis = connections.async_client(settings, max_connections=512)
     static = static_identities(settings)
     storage = open_store(
         settings.storage,
@@ -102,7 +95,7 @@ def build(settings: Settings) -> Resources:
     )
     jobs = AsyncJobStore(redis, Ledger.of(settings))
     throughput = Throughput(redis, settings.heartbeat_s * 3)
-    watcher = Watcher(settings.require_redis())
+    watcher = Watcher(connections.subscriber_client(settings))
     defaults = TenantLimits.of(settings)
     keys_ = Keys(static, AsyncKeyStore(redis), defaults, lambda: watcher.subscribed)
     watcher.on_keys = keys_.changed

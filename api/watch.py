@@ -53,12 +53,10 @@ class Waiter:
 class Watcher:
     """Listens on the change channel and wakes the waiters of each job that changed."""
 
-    def __init__(self, redis_url: str) -> None:
-        # Its own client: a subscribed connection blocks in reads that the request clients'
-        # socket timeout would cut.
-        self.redis = Redis.from_url(
-            redis_url, decode_responses=True, socket_connect_timeout=2, socket_keepalive=True
-        )
+    def __init__(self, redis: Redis) -> None:
+        # Its own client (connections.subscriber_client): a subscribed connection blocks in reads
+        # that the request clients' socket timeout would cut.
+        self.redis = redis
         self.waiters: dict[str, set[Waiter]] = {}
         self.subscribed = False
         # Called when the key store announces a change (and on every resubscription).

@@ -25,6 +25,14 @@ class Settings(BaseSettings):
 
     # Where things live.
     redis_url: str | None = Field(None, description="redis://host:port/db; unset under `dq up`")
+    # Redis behind Sentinel (core/connections.py): the sentinels' addresses turn it on; the
+    # master's password, user and DB still come from redis_url, whose host is then not used.
+    redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode] = Field(
+        (), description="host:port,host:port of the Redis Sentinels (failover)"
+    )
+    redis_master: str = Field("mymaster", description="the master's name the sentinels monitor")
+    redis_sentinel_password: SecretStr | None = Field(None, description="the sentinels' own")
+    redis_timeout_s: float = Field(5.0, gt=0, description="longest wait for one Redis reply")
     data_dir: Path = Field(Path("data"), description="local state for `dq up` (Redis, images)")
     storage_url: str | None = Field(None, description="s3://bucket/prefix or file:///dir")
     s3_endpoint_url: str | None = None
@@ -55,7 +63,8 @@ class Settings(BaseSettings):
     lease_s: float = Field(30.0, gt=0)
     heartbeat_s: float = Field(5.0, gt=0)
     # A worker whose work loop has not moved (an iteration, a denoising step) for this long is
-    # counted dead by the scaler and the recovery sweep, whatever its heartbeat thread says.
+    # stuck: the scaler and the recovery sweep count it dead, whatever its heartbeat thread says,
+    # and its liveness probe (worker/health.py) fails. Above the slowest model's slowest step.
     loop_stale_s: float = Field(120.0, gt=0)
     # A call whose every row was canceled is abandoned (the worker restarts itself) if it has not
     # stopped this long after the cancel was seen: one step of a huge job can take minutes.
@@ -151,6 +160,13 @@ class Settings(BaseSettings):
             f"unsupported storage URL {value!r}: use s3://bucket/prefix or file:///absolute/dir"
         )
 
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _addresses(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(_address(item) for item in value.replace(" ", "").split(",") if item)
+        return value
+
     @field_validator("webhook_retry_schedule", mode="before")
     @classmethod
     def _delays(cls, value: object) -> object:
@@ -228,6 +244,14 @@ class Settings(BaseSettings):
         if not self.redis_url:
             raise ConfigError("DQ_REDIS_URL is not set: point it at Redis (redis://host:6379/0)")
         return self.redis_url
+
+
+def _address(item: str) -> tuple[str, int]:
+    """`host:port` (or `[v6]:port`) as a pair; a clear error otherwise."""
+    host, sep, port = item.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{item!r} is not host:port (e.g. sentinel-0:26379,sentinel-1:26379)")
+    return host.strip("[]"), int(port)
 
 
 def load_settings(**overrides: object) -> Settings:

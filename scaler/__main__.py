@@ -9,8 +9,7 @@ import signal
 import sys
 from typing import TypeVar
 
-from redis import Redis
-
+from core import connections
 from core.errors import ConfigError
 from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings, load_settings
@@ -66,7 +65,7 @@ def backend_of(name: str, settings: Settings) -> ScaleBackend:
 
 def build(settings: Settings, args: argparse.Namespace) -> tuple[ControlLoop, ScaleBackend]:
     """The control loop and the backend it drives, connected to Redis."""
-    redis = Redis.from_url(settings.require_redis(), decode_responses=True, socket_timeout=10)
+    redis = connections.sync_client(settings)
     storage = open_store(
         settings.storage,
         secret=b"",

@@ -27,7 +27,6 @@ docker = pytest.importorskip("docker")
 kubernetes = pytest.importorskip("kubernetes")
 
 FIXTURES = Path(__file__).parent / "fixtures"
-KEDA_EXAMPLE = Path(__file__).parent.parent / "deploy" / "keda-scaledobject.yaml"
 W1 = "84464c930e5f3760667c3aa2e48627b62fb9f5f2dd23193a984b8748a54b9277"
 W2 = "1ee70e52fbd4fa418fd68328275d3a920596063f6e0c6ee6417c87bf00258d4c"
 NEW = "49b9890697462d298f1c0ee337a86781054d5c24c904deca4f04945508baf075"
@@ -376,6 +375,3 @@ def test_k8s_drain_unmarks_the_pod_when_scaling_is_refused() -> None:
         {"metadata": {"annotations": {DELETION_COST: "-1000"}}},
         {"metadata": {"annotations": {DELETION_COST: None}}},
     ]
-
-
-# --- KEDA -------------------------------------------------------------------------------------

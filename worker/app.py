@@ -16,8 +16,8 @@ from typing import Any
 from celery import Celery, Task, bootsteps
 from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_logger
-from redis import Redis
 
+from core import connections
 from core.broker import GENERATE_TASK
 from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings
@@ -125,9 +125,7 @@ class BatchingStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 def build_runner(settings: Settings, name: str) -> Runner:
     """Connect the runner to Redis, the ledger and storage; it loads the model itself."""
-    redis = Redis.from_url(
-        settings.require_redis(), decode_responses=True, socket_timeout=10, health_check_interval=30
-    )
+    redis = connections.sync_client(settings)
     ledger = Ledger.of(settings)
     store = JobStore(redis, ledger)
     storage = open_store(

@@ -14,13 +14,15 @@ from typing import Any
 
 from celery import Celery
 
+from core import connections
 from core.settings import Settings, load_settings
 
 
 def at_least_once(name: str, settings: Settings, queue: str, **conf: Any) -> Celery:
     """A Celery app on the queue, configured so that no message is acked before its work."""
-    app = Celery(name, broker=settings.require_redis(), set_as_current=True)
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    broker = connections.celery_broker(settings)
+    app = Celery(name, broker=broker.url, set_as_current=True)
+    transport = {"visibility_timeout": settings.visibility_timeout_s, **broker.transport_options}
     app.conf.update(
         task_default_queue=queue,
         task_acks_late=True,

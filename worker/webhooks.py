@@ -21,10 +21,9 @@ from typing import Any
 
 from celery import Celery, Task, bootsteps
 from celery.exceptions import Reject
-from redis import Redis
 from redis.exceptions import RedisError
 
-from core import keys
+from core import connections, keys
 from core.broker import DELIVER_TASK
 from core.callbacks import Attempt, deliver, is_retryable, next_delay
 from core.deliveries import DeliveryLog, RetrySchedule
@@ -62,9 +61,7 @@ class Sender:
 
 def build_sender(settings: Settings) -> Sender:
     """Connect the sender to Redis and storage."""
-    redis = Redis.from_url(
-        settings.require_redis(), decode_responses=True, socket_timeout=10, health_check_interval=30
-    )
+    redis = connections.sync_client(settings)
     storage = open_store(
         settings.storage,
         secret=url_secret(settings),
