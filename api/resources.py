@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -76,14 +75,6 @@ class Resources:
         return not self.tenants
 
 
-def url_secret(settings: Settings) -> bytes:
-    """The key that signs local file URLs; a random one lives only as long as this process."""
-    if settings.secret_key is not None:
-        return settings.secret_key.get_secret_value().encode()
-    log.warning("DQ_SECRET_KEY is not set: image URLs signed now stop working after a restart")
-    return secrets.token_bytes(32)
-
-
 def build(settings: Settings) -> Resources:
     """Connect everything the gateway needs."""
     redis = Redis.from_url(
@@ -99,7 +90,7 @@ def build(settings: Settings) -> Resources:
         log.warning("DQ_API_KEYS is empty: the API is OPEN, anyone who reaches it can submit jobs")
     storage = open_store(
         settings.storage,
-        secret=url_secret(settings),
+        secret=settings.url_secret() or b"",  # unset only with S3 storage (api.app.check)
         endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region,
     )

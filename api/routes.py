@@ -6,6 +6,9 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
+import math
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +46,7 @@ from core.storage import CONTENT_TYPES, FileStore
 from core.store import JobRecord
 from core.urlguard import check_url
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -86,10 +90,11 @@ async def render(res: Resources, record: JobRecord, rank: int | None, http: Requ
         ahead = (rank or 0) + record.request.num_images
         queue = views.queue_info(rank, ahead, await res.throughput.get())
     outputs: list[Output] = []
-    if record.outputs:  # only local file links need the base URL, and parsing it costs
-        outputs = views.outputs_with_urls(
-            record.outputs, res.storage, res.settings.url_ttl_s, str(http.base_url)
-        )
+    if record.outputs:
+        # Local file links start with DQ_PUBLIC_URL (relative without it), never with the
+        # request's Host: a client must not choose where the links it is handed point.
+        base = res.settings.public_url or ""
+        outputs = views.outputs_with_urls(record.outputs, res.storage, res.settings.url_ttl_s, base)
     deliveries = await read_log(res.redis, record.id) if record.webhook else None
     return views.public_job(record, queue=queue, outputs=outputs, deliveries=deliveries)
 
@@ -122,8 +127,13 @@ def json_of(job: Job, status: int = 200, headers: dict[str, str] | None = None) 
     return Response(job.model_dump_json(), status, headers, media_type="application/json")
 
 
+JOB_ID = re.compile(r"job_[0-9a-f]{32}")  # what new_job_id makes
+
+
 async def owned(res: Resources, tenant: str, job_id: str) -> tuple[JobRecord, int | None]:
     """A tenant's job and its queue rank; another tenant's job is not found."""
+    if not JOB_ID.fullmatch(job_id):  # nothing else is a job: Redis is not even asked
+        raise NotFound(f"no job {job_id[:64]}")
     record, rank = await res.jobs.get(job_id)
     if record is None or record.tenant != tenant:
         raise NotFound(f"no job {job_id}")
@@ -218,45 +228,50 @@ async def _until_ended(
     return record, rank
 
 
+LIST_SCAN = 500  # index entries one list request reads at most (a status filter may match few)
+SCAN_BATCH = 100  # entries read per round trip while filtering
+
+
 @router.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
 async def list_jobs(
     http: Request,
     caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> JobPage:
-    """The caller's jobs, newest first, filtered by status, cursor-paginated."""
+    """The caller's jobs, newest first, filtered by status, cursor-paginated.
+
+    One request reads at most LIST_SCAN entries of the tenant's index: a filter that matches few
+    jobs may answer fewer than `limit` (even none) with a `next_cursor` to read on from.
+    """
     res, tenant = caller.res, caller.tenant
     before, skip = _decode_cursor(cursor)
     found: list[JobRecord] = []
-    last: tuple[str, float] | None = None
-    while len(found) < limit:
-        rows = await res.jobs.page(tenant, before, limit + len(skip) + 1)
+    scanned, exhausted = 0, False
+    while len(found) < limit and scanned < LIST_SCAN and not exhausted:
+        want = limit - len(found) if status is None else SCAN_BATCH
+        want = min(want, LIST_SCAN - scanned)
+        rows = await res.jobs.page(tenant, before, want + len(skip))
+        exhausted = len(rows) < want + len(skip)
         rows = [r for r in rows if r[0] not in skip]
-        if not rows:
-            break
         records = await res.jobs.get_many([job_id for job_id, _ in rows])
         await res.jobs.forget(tenant, [j for (j, _), r in zip(rows, records, strict=True) if not r])
         for row, record in zip(rows, records, strict=True):
-            last = row
+            scanned += 1
+            before, skip = _advance(before, skip, row)
             if record and (status is None or record.status is status):
                 found.append(record)
             if len(found) == limit:
+                exhausted = exhausted and row == rows[-1]
                 break
-        before, skip = _advance(before, skip, last)
-    more = len(found) == limit and last is not None
     jobs = [await render(res, r, None, http) for r in found]
-    return JobPage(jobs=jobs, next_cursor=_encode_cursor(before, skip) if more else None)
+    return JobPage(jobs=jobs, next_cursor=None if exhausted else _encode_cursor(before, skip))
 
 
-def _advance(
-    before: float, skip: set[str], last: tuple[str, float] | None
-) -> tuple[float, set[str]]:
-    """Move the page window past `last`, remembering ids that share its score."""
-    if last is None:
-        return before, skip
-    job_id, score = last
+def _advance(before: float, skip: set[str], row: tuple[str, float]) -> tuple[float, set[str]]:
+    """Move the page window past `row`, remembering ids that share its score."""
+    job_id, score = row
     return score, (skip | {job_id}) if score == before else {job_id}
 
 
@@ -266,13 +281,25 @@ def _encode_cursor(before: float, skip: set[str]) -> str:
 
 
 def _decode_cursor(cursor: str | None) -> tuple[float, set[str]]:
+    """The window a cursor names; refuses anything this API did not make (NaN, say)."""
     if not cursor:
-        return float("inf"), set()
+        return math.inf, set()
     try:
-        data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(data["b"]), {str(s) for s in data["s"]}
+        data = json.loads(base64.urlsafe_b64decode(cursor.encode()), parse_constant=_no_constant)
+        before, skip = data["b"], data["s"]
+        if not isinstance(before, int | float) or not math.isfinite(before):
+            raise TypeError("b is not a finite number")
+        if not isinstance(skip, list) or not all(
+            isinstance(j, str) and JOB_ID.fullmatch(j) for j in skip
+        ):
+            raise TypeError("s is not a list of job ids")
+        return float(before), set(skip)
     except (ValueError, KeyError, TypeError) as e:
         raise ValidationFailed("cursor is not one this API returned", field="cursor") from e
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=["jobs"])
@@ -364,7 +391,9 @@ async def queue(caller: CallerDep) -> QueueStatus:
 async def file(key: str, expires: int, sig: str, res: ResourcesDep) -> FileResponse:
     """A locally stored image, behind a signed, expiring URL."""
     store = res.storage
+    # `key` is the path as the server decoded it, once: the very string that was signed.
     if not isinstance(store, FileStore) or not store.verify(key, expires, sig):
+        log.info("file URL refused: bad or expired signature (key %.120r)", key)
         raise NotFound("no such file, or its link expired")
     path = store.path(key)
     if not path.is_file():

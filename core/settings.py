@@ -14,6 +14,7 @@ from core.errors import ConfigError
 from core.signing import InvalidSecret, parse_secret
 
 DAY_S = 86_400
+MIN_API_KEY_LENGTH = 24  # ~143 bits as token_urlsafe characters: out of reach of guessing
 
 
 class Settings(BaseSettings):
@@ -62,6 +63,18 @@ class Settings(BaseSettings):
     api_keys: SecretStr = Field(SecretStr(""), description="tenant:key,tenant:key")
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     public_url: str | None = Field(None, description="base URL clients reach the gateway at")
+    # Hardening of the gateway's HTTP server (api/protocol.py, api/middleware.py).
+    trusted_proxies: str = Field(
+        "", description="addresses whose X-Forwarded-For/-Proto are believed (comma-separated)"
+    )
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line and headers")
+    max_headers: int = Field(100, ge=8)
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers arrive within")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body arrives within")
+    keepalive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections")
+    max_connections: int = Field(2048, ge=16, description="open connections per process")
+    auth_failures: int = Field(20, ge=1, description="failed authentications per peer and window")
+    auth_failure_window_s: float = Field(60.0, gt=0)
 
     # Webhooks.
     webhook_secret: SecretStr = Field(
@@ -154,8 +167,24 @@ class Settings(BaseSettings):
             tenant, sep, key = item.strip().partition(":")
             if not sep or not tenant or not key:
                 raise ConfigError("DQ_API_KEYS must look like tenant:key,tenant2:key2")
+            if len(key) < MIN_API_KEY_LENGTH:
+                raise ConfigError(
+                    f"DQ_API_KEYS: the key of tenant {tenant!r} has {len(key)} characters; use at"
+                    f" least {MIN_API_KEY_LENGTH} random ones, e.g. from"
+                    " `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                )
             keys[key] = tenant
         return keys
+
+    def url_secret(self) -> bytes | None:
+        """The key that signs local file URLs; None when unset or empty."""
+        if self.secret_key is None or not self.secret_key.get_secret_value().strip():
+            return None
+        return self.secret_key.get_secret_value().encode()
+
+    def proxies(self) -> list[str]:
+        """The trusted proxies' addresses (X-Forwarded-* from anyone else is ignored)."""
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
 
     def webhook_signing_secrets(self, tenant: str) -> list[str]:
         """The secrets that sign a tenant's webhooks: its own, else the global ones."""

@@ -22,7 +22,10 @@ from core.processes import stop_process
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_KEYS = "alice:key-alice,bob:key-bob"
+# API keys must be at least 24 characters long (core.settings.MIN_API_KEY_LENGTH).
+ALICE_KEY = "key-alice-0123456789abcdef"
+BOB_KEY = "key-bob-0123456789abcdefgh"
+TEST_KEYS = f"alice:{ALICE_KEY},bob:{BOB_KEY}"
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +82,7 @@ def env(redis_url: str, model_cache: Path, tmp_path: Path) -> dict[str, str]:
         "DQ_DATA_DIR": str(tmp_path / "data"),
         "DQ_STORAGE_URL": (tmp_path / "images").as_uri(),
         "DQ_MODEL_CACHE": str(model_cache),
-        "DQ_SECRET_KEY": "test-secret",
+        "DQ_SECRET_KEY": "test-secret-0123456789abcdef",
         "DQ_API_KEYS": TEST_KEYS,
         "DQ_CPU_THREADS": "1",
         "DQ_BATCH_TIMEOUT_S": "0.5",
@@ -99,11 +102,16 @@ class Gateway:
     """A real uvicorn server in a thread, on a free port."""
 
     def __init__(self, settings: Settings) -> None:
+        from api.__main__ import server_options
         from api.app import create_app
 
         self.port = free_port()
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            **server_options(settings),  # the production server's protocol, limits and timeouts
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -150,7 +158,7 @@ def gateway(env: dict[str, str], gateway_factory: Callable[[dict[str, str]], Gat
     return gateway_factory(env)
 
 
-def client_for(gw: Gateway, key: str = "key-alice") -> httpx.Client:
+def client_for(gw: Gateway, key: str = ALICE_KEY) -> httpx.Client:
     """An HTTP client with a tenant's key."""
     return httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 

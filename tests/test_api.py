@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from core.embedded import EmbeddedRedis
-from tests.conftest import Gateway, client_for
+from tests.conftest import ALICE_KEY, BOB_KEY, Gateway, client_for
 
 GOOD = {"prompt": "a cat", "width": 64, "height": 64, "steps": 2}
 
@@ -87,7 +87,7 @@ def test_missing_or_wrong_key_is_a_401_with_a_challenge(gateway: Gateway) -> Non
 
 
 def test_another_tenants_job_is_not_found(gateway: Gateway) -> None:
-    with client_for(gateway, "key-alice") as alice, client_for(gateway, "key-bob") as bob:
+    with client_for(gateway, ALICE_KEY) as alice, client_for(gateway, BOB_KEY) as bob:
         job_id = alice.post("/v1/jobs", json=GOOD).json()["id"]
         assert bob.get(f"/v1/jobs/{job_id}").status_code == 404
         assert bob.post(f"/v1/jobs/{job_id}/cancel").status_code == 404

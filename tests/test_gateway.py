@@ -24,7 +24,7 @@ from core.coalesce import ScriptBatcher
 from core.embedded import free_port
 from core.heartbeats import WorkerBeat, WorkerState
 
-from .conftest import ROOT
+from .conftest import ALICE_KEY, ROOT
 
 # Counts every call in KEYS[1]; refuses ARGV[1] == "bad"; answers ARGV[1].
 ECHO = """
@@ -196,7 +196,8 @@ def test_workers_share_the_port_and_connections_spread_over_them(
 
     # 60 keep-alive connections opened at once, as a burst of clients would.
     clients = [
-        httpx.Client(base_url=url, headers={"Authorization": "Bearer key-alice"}) for _ in range(60)
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ALICE_KEY}"})
+        for _ in range(60)
     ]
     try:
         for c in clients:
@@ -210,7 +211,7 @@ def test_workers_share_the_port_and_connections_spread_over_them(
         # A gateway process that dies is replaced. Its socket stays open in the supervisor, so
         # new connections hashed to it wait for the replacement instead of being refused.
         os.kill(kids[0], signal.SIGKILL)
-        auth = {"Authorization": "Bearer key-alice"}
+        auth = {"Authorization": f"Bearer {ALICE_KEY}"}
         for _ in range(20):  # a new connection each
             reply = httpx.post(f"{url}/v1/jobs", json={"prompt": "a fox"}, headers=auth, timeout=60)
             assert reply.status_code == 202

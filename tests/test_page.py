@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Gateway, WorkerProcess
+from tests.conftest import ALICE_KEY, Gateway, WorkerProcess
 
 pytestmark = pytest.mark.browser
 
@@ -58,7 +58,7 @@ def test_the_page_submits_a_prompt_and_shows_the_image(
     browser.get(f"{gateway.url}/")
     assert browser.title == "diffusion-queue"
     browser.find_element(By.ID, "prompt").send_keys("a lighthouse at dusk")
-    browser.find_element(By.ID, "key").send_keys("key-alice")
+    browser.find_element(By.ID, "key").send_keys(ALICE_KEY)
     steps = browser.find_element(By.ID, "steps")
     steps.clear()
     steps.send_keys("3")

@@ -14,7 +14,7 @@ import pytest
 
 from api.watch import FALLBACK_S
 from core.embedded import EmbeddedRedis
-from tests.conftest import Gateway, WorkerProcess, client_for
+from tests.conftest import ALICE_KEY, BOB_KEY, Gateway, WorkerProcess, client_for
 
 GOOD = {"prompt": "a cat", "width": 64, "height": 64, "steps": 2}
 
@@ -78,7 +78,7 @@ def test_a_bad_wait_is_a_422_naming_it(client: httpx.Client, wait: str) -> None:
 
 
 def test_a_long_poll_on_another_tenants_job_is_not_found(gateway: Gateway) -> None:
-    with client_for(gateway, "key-alice") as alice, client_for(gateway, "key-bob") as bob:
+    with client_for(gateway, ALICE_KEY) as alice, client_for(gateway, BOB_KEY) as bob:
         job_id = alice.post("/v1/jobs", json=GOOD).json()["id"]
         assert bob.get(f"/v1/jobs/{job_id}", params={"wait": 5}).status_code == 404
 
