@@ -28,7 +28,7 @@ from core.embedded import EmbeddedRedis, free_port
 from core.processes import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
-API_KEY = "bench-key"
+API_KEY = "bench-key-0123456789abcdef"
 
 
 def child_env(overrides: dict[str, str]) -> dict[str, str]:

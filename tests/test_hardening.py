@@ -313,7 +313,7 @@ def test_an_unexpected_exception_is_a_json_500_that_shows_nothing_of_it(
 
 def test_a_file_url_is_decoded_once(env: dict[str, str], gateway: Gateway) -> None:
     settings = settings_from(env)
-    store = FileStore(Path(settings.storage.removeprefix("file://")), settings.url_secret() or b"")
+    store = FileStore(Path(settings.storage.removeprefix("file://")), env["DQ_SECRET_KEY"].encode())
     key = "job_x/100%41.png"  # a literal percent sign: decoded twice it would read 100A.png
     store.put(key, b"the image", "image/png")
     store.put("job_x/100A.png", b"another file", "image/png")
