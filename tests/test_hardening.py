@@ -482,3 +482,20 @@ def test_a_status_filtered_list_reads_a_bounded_slice_per_request(
     assert found == [oldest]
     # A page per LIST_SCAN entries, and maybe one more to learn that the index ended.
     assert -(-total // LIST_SCAN) <= pages <= -(-total // LIST_SCAN) + 1
+
+
+def test_the_lockout_counts_failures_per_window_and_per_ipv6_64() -> None:
+    from api.lockout import Lockout
+
+    lock = Lockout(limit=2, window_s=10, max_peers=8)
+    lock.fail("10.0.0.1", now=0)
+    assert lock.retry_after("10.0.0.1", now=1) == 0
+    lock.fail("10.0.0.1", now=1)
+    assert (lock.retry_after("10.0.0.1", now=1.5), lock.retry_after("10.0.0.2", now=1.5)) == (9, 0)
+    assert lock.retry_after("10.0.0.1", now=10) == 0  # the window is over
+    lock.fail("2001:db8::1", now=20)
+    lock.fail("2001:db8::ffff:1", now=20)  # the same /64
+    assert lock.retry_after("2001:db8::2", now=21) == 9
+    for i in range(50):  # a flood of addresses never grows the table past its bound
+        lock.fail(f"192.0.2.{i}", now=30)
+    assert len(lock._windows) <= 8
