@@ -412,12 +412,15 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", tags=["health"])
 async def readyz(res: ResourcesDep) -> dict[str, str]:
     """Readiness: Redis and storage reachable."""
+    # The causes go to the log only: a client learns nothing of the servers behind the gateway.
     try:
         await res.redis.ping()
     except Exception as e:
-        raise Unavailable(f"Redis is not reachable: {e}") from e
+        log.warning("not ready: Redis: %.200s", e)
+        raise Unavailable("the job store is not reachable") from e
     try:
         await asyncio.to_thread(res.storage.check)
     except StorageError as e:
-        raise Unavailable(e.message) from e
+        log.warning("not ready: %.200s", e.message)
+        raise Unavailable("image storage is not reachable") from e
     return {"status": "ready"}

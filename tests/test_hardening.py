@@ -308,6 +308,22 @@ def test_an_unexpected_exception_is_a_json_500_that_shows_nothing_of_it(
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
 
 
+def test_redis_being_down_shows_nothing_of_redis(
+    env: dict[str, str], gateway_factory: Callable[[dict[str, str]], Gateway], tmp_path: Path
+) -> None:
+    from core.embedded import EmbeddedRedis
+
+    own = EmbeddedRedis(tmp_path / "r").start()
+    gw = gateway_factory({**env, "DQ_REDIS_URL": own.url})
+    own.stop()
+    with client_for(gw) as c:
+        for resp in (c.get("/readyz"), c.get("/v1/queue"), c.get(f"/v1/jobs/job_{'a' * 32}")):
+            assert resp.status_code == 503
+            assert error_of(resp)["code"] == "unavailable"
+            assert str(own.port) not in resp.text
+            assert "Error" not in resp.text
+
+
 # 8. Signed URLs: decoded once; pointing at DQ_PUBLIC_URL; forwarded headers from proxies only.
 
 
