@@ -200,7 +200,6 @@ class GatewayProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         """A request starts: its headers are counted from here."""
         super().on_message_begin()
-        self.registry.waiting.pop(self, None)
         self.header_size = self.header_count = 0
         if self.deadline is NEVER:  # a kept-alive connection: its clock starts with the request
             self.deadline = time.monotonic() + self.limits.header_timeout_s
@@ -224,7 +223,10 @@ class GatewayProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        """The headers are in: the body has its own deadline."""
+        """The headers are in: a request is in progress, and the body has its own deadline."""
+        # Only now does the connection stop waiting: one that trickles its headers is as good
+        # as idle, and goes first when room is needed.
+        self.registry.waiting.pop(self, None)
         self.in_headers = False
         self.deadline = time.monotonic() + self.limits.body_timeout_s
         super().on_headers_complete()

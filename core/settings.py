@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="base URL clients reach the gateway at")
     # Hardening of the gateway's HTTP server (api/protocol.py, api/middleware.py).
     trusted_proxies: str = Field(
-        "", description="addresses whose X-Forwarded-For/-Proto are believed (comma-separated)"
+        "", description="addresses or networks (10.0.0.0/8) whose X-Forwarded-* are believed"
     )
     max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line and headers")
     max_headers: int = Field(100, ge=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -209,11 +210,17 @@ def test_a_kept_alive_connection_is_closed_when_idle(
     sock.close()
 
 
-def test_a_full_process_closes_its_oldest_idle_connection_to_serve_a_new_one(
-    strict_env: dict[str, str], gateway_factory: Callable[[dict[str, str]], Gateway]
+@pytest.mark.parametrize("opening", [b"", b"GET /healthz HTTP/1.1\r\nX-Slow: "])
+def test_a_full_process_closes_its_oldest_waiting_connection_to_serve_a_new_one(
+    strict_env: dict[str, str],
+    gateway_factory: Callable[[dict[str, str]], Gateway],
+    opening: bytes,
 ) -> None:
     gw = gateway_factory({**strict_env, "DQ_HEADER_TIMEOUT_S": "60"})
     flood = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(100)]
+    for sock in flood:  # idle, or headers begun and never finished
+        with contextlib.suppress(OSError):  # the oldest were closed to make room already
+            sock.sendall(opening)
     try:
         for _ in range(20):
             assert httpx.get(f"{gw.url}/healthz", timeout=5).status_code == 200
