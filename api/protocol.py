@@ -28,7 +28,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from api.errors import body
-from api.middleware import NO_CONTENT_POLICY, SECURITY_HEADERS
+from api.middleware import NO_CONTENT_POLICY, NO_STORE, SECURITY_HEADERS
 from core.settings import Settings
 
 SWEEP_S = 1.0
@@ -183,6 +183,7 @@ class GatewayProtocol(HttpToolsProtocol):
             (b"connection", b"close"),
             *SECURITY_HEADERS,
             NO_CONTENT_POLICY,
+            NO_STORE,
         ]
         lines = [STATUS_LINE[status], *(b"%s: %s\r\n" % pair for pair in headers), b"\r\n"]
         self.transport.write(b"".join(lines) + content)

@@ -248,6 +248,12 @@ def test_the_open_files_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
 # 7. Every error is the JSON error; nothing of an exception or of Redis reaches a client.
 
 
+def test_a_request_that_is_not_http_is_a_json_400(gateway: Gateway) -> None:
+    status, headers, body = exchange(gateway.port, b"HELLO THERE\r\n\r\n")
+    assert (status, headers["content-type"]) == (400, "application/json")
+    assert json.loads(body)["error"]["code"] == "bad_request"
+
+
 def test_a_non_ascii_signature_is_a_json_404_in_one_log_line(
     gateway: Gateway, caplog: pytest.LogCaptureFixture
 ) -> None:
