@@ -11,23 +11,28 @@ landed on one of two processes about half the time, which then ran at its limit 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from fastapi import FastAPI
 
-from api.app import create_app
+from api.app import check, create_app
+from api.protocol import Connections, GatewayProtocol, Limits
 from core.errors import ConfigError
 from core.launcher import Child, Supervisor, module
-from core.settings import load_settings
+from core.settings import Settings, load_settings
 
 SHUTDOWN_GRACE_S = 5
+FILES_SPARE = 1024  # open files beside client connections: Redis pools, images, the watcher
 BACKLOG = 2048
 REUSE_PORT = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
 
@@ -62,7 +67,7 @@ def quiet_collector() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
-def options(host: str, port: int) -> dict[str, Any]:
+def options(settings: Settings, host: str, port: int) -> dict[str, Any]:
     """uvicorn's settings for the gateway."""
     return {
         "app": "api.__main__:factory",
@@ -75,7 +80,32 @@ def options(host: str, port: int) -> dict[str, Any]:
         # Long polls and event streams may be held for a while: a stopping gateway gives them
         # this long, then cuts them (their clients simply ask again, elsewhere).
         "timeout_graceful_shutdown": SHUTDOWN_GRACE_S,
+        **server_options(settings),
     }
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """What hardens uvicorn for the gateway (the tests' in-process gateway uses these too)."""
+    proxies = settings.proxies()
+    # functools.partial, not a class made here: uvicorn pickles its config for `--workers`.
+    protocol = functools.partial(GatewayProtocol, connections=Connections(Limits.of(settings)))
+    return {
+        "http": cast(type[asyncio.Protocol], protocol),
+        "ws": "none",  # no WebSocket routes: upgrades are refused
+        "timeout_keep_alive": settings.keepalive_timeout_s,
+        # X-Forwarded-For/-Proto only from the proxies named; uvicorn's default trusts loopback.
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies,
+        "server_header": False,
+    }
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to the hard one; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def listening_socket(host: str, port: int, shared: bool) -> socket.socket:
@@ -129,14 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     try:
-        load_settings().require_redis()
+        settings = load_settings()
+        check(settings)
+        files = raise_open_files_limit()
+        if files < settings.max_connections + FILES_SPARE:
+            logging.getLogger(__name__).warning(
+                "the open-files limit (%d) is below DQ_MAX_CONNECTIONS + %d", files, FILES_SPARE
+            )
         if args.fd is not None:
             sock = socket.socket(fileno=args.fd)
-            uvicorn.Server(uvicorn.Config(**options(args.host, args.port))).run(sockets=[sock])
+            config = uvicorn.Config(**options(settings, args.host, args.port))
+            uvicorn.Server(config).run(sockets=[sock])
         elif args.workers > 1 and REUSE_PORT:
             supervise(args.host, args.port, args.workers)
         else:
-            uvicorn.run(**options(args.host, args.port), workers=args.workers)
+            uvicorn.run(**options(settings, args.host, args.port), workers=args.workers)
     except ConfigError as e:
         print(f"dq api: {e.message}")
         return 2

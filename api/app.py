@@ -7,19 +7,31 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import errors, page, routes
+from api import docs, errors, page, routes
 from api.metrics import instrument
+from api.middleware import Gate
 from api.resources import build
+from core.errors import ConfigError
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+def check(settings: Settings) -> None:
+    """Refuse settings the gateway must not start with; the ConfigError says what to set."""
+    settings.tenants()  # every key well-formed and long enough
+    if settings.storage.startswith("file:") and settings.url_secret() is None:
+        raise ConfigError(
+            "DQ_SECRET_KEY is not set: with local storage every gateway process signs and checks"
+            " image URLs with it, so it must be one key, the same everywhere; set it to 32 or more"
+            " random characters (`dq up` makes one in its data dir)"
+        )
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The gateway app for these settings."""
+    check(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,28 +51,13 @@ def create_app(settings: Settings) -> FastAPI:
         # The gateway's metrics are Prometheus' (/metrics). FastAPI's OpenTelemetry hooks, on by
         # default, look for configured providers on every request: 2 % of a submit's work.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: see api/docs.py
+        redoc_url=None,
     )
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(page.router)
+    docs.install(app)
     instrument(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Gate, settings=settings)
     return app
-
-
-class BodyLimit:
-    """Refuse bodies over `limit` bytes with 413 before reading them (plain ASGI: no extra task)."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Check Content-Length, then pass the request on."""
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                message = f"the body must be at most {self.limit} bytes"
-                response = JSONResponse(errors.body("too_large", message), 413)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

@@ -3,6 +3,9 @@
 A route takes one of them, never a chain: FastAPI solves each dependency with about as much work
 as the rest of a submit's validation (measured: two chained dependencies were 11 % of a submit's
 instructions, one is 5 %), so the caller and the resources come together in `CallerDep`.
+
+The caller is authenticated before the body is read, by `api.middleware.Gate`, which leaves it in
+the request's scope (`scope["state"]["caller"]`); `get_caller` only picks it up.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from api.keys import PUBLIC
 from api.resources import Resources
 from core.errors import Forbidden, Unauthorized
 from core.tenants import Identity, Role
+
+CALLER = "caller"  # the key of the authenticated caller in the ASGI scope's "state"
 
 
 def resources_of(request: Request) -> Resources:
@@ -50,23 +55,28 @@ class Caller:
         return self.identity.role is Role.ADMIN
 
 
-async def authenticate(resources: Resources, authorization: str) -> Identity | None:
-    """The identity behind an Authorization header; None without a valid key."""
+async def authenticate(resources: Resources, authorization: str | None) -> Caller | None:
+    """The caller an `Authorization` header names, or None when it names no one.
+
+    The one place a key is checked: the gateway's middleware calls it before reading a body.
+    """
     if await resources.keys.is_open():
-        return PUBLIC
-    scheme, _, key = authorization.partition(" ")
+        return Caller(resources, PUBLIC)
+    scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return None
-    return await resources.keys.identify(key.strip())
+    identity = await resources.keys.identify(key.strip())
+    return None if identity is None else Caller(resources, identity)
 
 
 async def get_caller(request: Request) -> Caller:
-    """The caller behind the bearer key; 401 without a valid one (unless the API is open)."""
-    resources = resources_of(request)
-    identity = await authenticate(resources, request.headers.get("authorization", ""))
-    if identity is None:
+    """The caller the middleware authenticated; 401 without a valid key (unless the API is open)."""
+    caller: Caller | None = request.scope.get("state", {}).get(CALLER)
+    if caller is None:  # a route the middleware does not guard (none today): check here
+        caller = await authenticate(resources_of(request), request.headers.get("authorization"))
+    if caller is None:
         raise Unauthorized("send a valid key as 'Authorization: Bearer <key>'")
-    return Caller(resources, identity)
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -22,13 +22,31 @@ def body(code: str, message: str, **extra: object) -> dict[str, object]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
-def _service_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServiceError)
+class TooLarge(ServiceError):
+    """The request (body or headers) is larger than the gateway accepts."""
+
+    status = 413
+    code = "too_large"
+
+
+class Throttled(ServiceError):
+    """Too many failed authentications from this peer; it may try again after a while."""
+
+    status = 429
+    code = "too_many_failures"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def response_for(exc: ServiceError) -> JSONResponse:
+    """The JSON response for a domain error."""
     headers: dict[str, str] = {}
     extra: dict[str, object] = {}
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(exc, Unavailable):
+    if isinstance(exc, Unavailable | Throttled):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, ValidationFailed):
         extra["field"] = exc.field
@@ -40,6 +58,38 @@ def _service_error(_: Request, exc: Exception) -> JSONResponse:
         headers["RateLimit"] = f"{name};r={max(0, math.floor(exc.remaining))};t={retry}"
         extra.update(limit=exc.limit, retry_after_s=round(exc.retry_after_s, 3))
     return JSONResponse(body(exc.code, exc.message, **extra), exc.status, headers=headers)
+
+
+def internal_error() -> JSONResponse:
+    """A 500 that says nothing of its cause (the log has it)."""
+    return JSONResponse(body("internal", "internal error; retry, or report it if it persists"), 500)
+
+
+def where(exc: BaseException) -> str:
+    """The innermost frame of an exception, as `file:line in function` (one short log field)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name}"
+
+
+def log_internal(method: str, path: str, exc: BaseException) -> None:
+    """One bounded line per internal error (never the exception's text: it may hold a prompt)."""
+    log.error("internal error on %s %.200s: %s at %s", method, path, type(exc).__name__, where(exc))
+    log.debug("internal error on %s %.200s", method, path, exc_info=exc)
+
+
+def _service_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return response_for(exc)
+
+
+def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log_internal(request.method, request.url.path, exc)
+    return internal_error()
 
 
 def _field_name(loc: tuple[object, ...]) -> str:
@@ -62,7 +112,7 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-    log.warning("Redis unavailable: %s", exc)
+    log.warning("Redis unavailable: %.200s", exc)
     return JSONResponse(
         body("unavailable", "the job store is unavailable; retry shortly"),
         503,
@@ -72,7 +122,7 @@ def _redis_down(_: Request, exc: Exception) -> JSONResponse:
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "bad_request"}.get(
         exc.status_code, "http_error"
     )
     return JSONResponse(body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
@@ -85,3 +135,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(HTTPException, _http_error)
+    # Whatever else escapes a route: a JSON 500 that shows nothing of the exception.
+    app.add_exception_handler(Exception, _internal)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -75,21 +74,13 @@ class Resources:
     model: str  # the model jobs run on unless they name another
 
 
-def url_secret(settings: Settings) -> bytes:
-    """The key that signs local file URLs; a random one lives only as long as this process."""
-    if settings.secret_key is not None:
-        return settings.secret_key.get_secret_value().encode()
-    log.warning("DQ_SECRET_KEY is not set: image URLs signed now stop working after a restart")
-    return secrets.token_bytes(32)
-
-
 def build(settings: Settings) -> Resources:
     """Connect everything the gateway needs."""
     redis = connections.async_client(settings, max_connections=512)
     static = static_identities(settings)
     storage = open_store(
         settings.storage,
-        secret=url_secret(settings),
+        secret=settings.url_secret() or b"",  # unset only with S3 storage (api.app.check)
         endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region,
     )

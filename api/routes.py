@@ -7,6 +7,8 @@ import base64
 import hashlib
 import json
 import logging
+import math
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -91,10 +93,11 @@ async def render(res: Resources, record: JobRecord, place: Place | None, http: R
         units_per_s = await res.throughput.units()
         queue = views.queue_info(place.jobs_ahead, place.units_ahead + record.units, units_per_s)
     outputs: list[Output] = []
-    if record.outputs:  # only local file links need the base URL, and parsing it costs
-        outputs = views.outputs_with_urls(
-            record.outputs, res.storage, res.settings.url_ttl_s, str(http.base_url)
-        )
+    if record.outputs:
+        # Local file links start with DQ_PUBLIC_URL (relative without it), never with the
+        # request's Host: a client must not choose where the links it is handed point.
+        base = res.settings.public_url or ""
+        outputs = views.outputs_with_urls(record.outputs, res.storage, res.settings.url_ttl_s, base)
     deliveries = await read_log(res.redis, record.id) if record.webhook else None
     return views.public_job(record, queue=queue, outputs=outputs, deliveries=deliveries)
 
@@ -127,10 +130,15 @@ def json_of(job: Job, status: int = 200, headers: dict[str, str] | None = None) 
     return Response(job.model_dump_json(), status, headers, media_type="application/json")
 
 
+JOB_ID = re.compile(r"job_[0-9a-f]{32}")  # what new_job_id makes
+
+
 async def owned(caller: Caller, job_id: str) -> tuple[JobRecord, Place | None]:
     """A caller's job and, while queued, its place; another tenant's job is not found (an admin
     sees every job). A record that cannot be read is quarantined: the job fails, and is shown.
     """
+    if not JOB_ID.fullmatch(job_id):  # nothing else is a job: Redis is not even asked
+        raise NotFound(f"no job {job_id[:64]}")
     res = caller.res
     try:
         record, place = await res.jobs.get(job_id)
@@ -300,36 +308,45 @@ async def _until_ended(
     return record, place
 
 
+LIST_SCAN = 500  # index entries one list request reads at most (a status filter may match few)
+SCAN_BATCH = 100  # entries read per round trip while filtering
+
+
 @router.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
 async def list_jobs(
     http: Request,
     caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> JobPage:
-    """The caller's jobs, newest first, filtered by status, cursor-paginated."""
+    """The caller's jobs, newest first, filtered by status, cursor-paginated.
+
+    One request reads at most LIST_SCAN entries of the tenant's index: a filter that matches few
+    jobs may answer fewer than `limit` (even none) with a `next_cursor` to read on from.
+    """
     res, tenant = caller.res, caller.tenant
     before, skip = _decode_cursor(cursor)
     found: list[JobRecord] = []
-    last: tuple[str, float] | None = None
-    while len(found) < limit:
-        rows = await res.jobs.page(tenant, before, limit + len(skip) + 1)
+    scanned, exhausted = 0, False
+    while len(found) < limit and scanned < LIST_SCAN and not exhausted:
+        want = limit - len(found) if status is None else SCAN_BATCH
+        want = min(want, LIST_SCAN - scanned)
+        rows = await res.jobs.page(tenant, before, want + len(skip))
+        exhausted = len(rows) < want + len(skip)
         rows = [r for r in rows if r[0] not in skip]
-        if not rows:
-            break
         records = await readable(res, [job_id for job_id, _ in rows])
         await res.jobs.forget(tenant, [j for (j, _), r in zip(rows, records, strict=True) if not r])
         for row, record in zip(rows, records, strict=True):
-            last = row
+            scanned += 1
+            before, skip = _advance(before, skip, row)
             if record and (status is None or record.status is status):
                 found.append(record)
             if len(found) == limit:
+                exhausted = exhausted and row == rows[-1]
                 break
-        before, skip = _advance(before, skip, last)
-    more = len(found) == limit and last is not None
     jobs = [await render(res, r, None, http) for r in found]
-    return JobPage(jobs=jobs, next_cursor=_encode_cursor(before, skip) if more else None)
+    return JobPage(jobs=jobs, next_cursor=None if exhausted else _encode_cursor(before, skip))
 
 
 async def readable(res: Resources, job_ids: list[str]) -> list[JobRecord | None]:
@@ -343,13 +360,9 @@ async def readable(res: Resources, job_ids: list[str]) -> list[JobRecord | None]
     return [r if isinstance(r, JobRecord) else None for r in records]
 
 
-def _advance(
-    before: float, skip: set[str], last: tuple[str, float] | None
-) -> tuple[float, set[str]]:
-    """Move the page window past `last`, remembering ids that share its score."""
-    if last is None:
-        return before, skip
-    job_id, score = last
+def _advance(before: float, skip: set[str], row: tuple[str, float]) -> tuple[float, set[str]]:
+    """Move the page window past `row`, remembering ids that share its score."""
+    job_id, score = row
     return score, (skip | {job_id}) if score == before else {job_id}
 
 
@@ -359,13 +372,25 @@ def _encode_cursor(before: float, skip: set[str]) -> str:
 
 
 def _decode_cursor(cursor: str | None) -> tuple[float, set[str]]:
+    """The window a cursor names; refuses anything this API did not make (NaN, say)."""
     if not cursor:
-        return float("inf"), set()
+        return math.inf, set()
     try:
-        data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(data["b"]), {str(s) for s in data["s"]}
+        data = json.loads(base64.urlsafe_b64decode(cursor.encode()), parse_constant=_no_constant)
+        before, skip = data["b"], data["s"]
+        if not isinstance(before, int | float) or not math.isfinite(before):
+            raise TypeError("b is not a finite number")
+        if not isinstance(skip, list) or not all(
+            isinstance(j, str) and JOB_ID.fullmatch(j) for j in skip
+        ):
+            raise TypeError("s is not a list of job ids")
+        return float(before), set(skip)
     except (ValueError, KeyError, TypeError) as e:
         raise ValidationFailed("cursor is not one this API returned", field="cursor") from e
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=["jobs"])
@@ -456,7 +481,9 @@ async def queue(caller: CallerDep) -> QueueStatus:
 async def file(key: str, expires: int, sig: str, res: ResourcesDep) -> FileResponse:
     """A locally stored image, behind a signed, expiring URL."""
     store = res.storage
+    # `key` is the path as the server decoded it, once: the very string that was signed.
     if not isinstance(store, FileStore) or not store.verify(key, expires, sig):
+        log.info("file URL refused: bad or expired signature (key %.120r)", key)
         raise NotFound("no such file, or its link expired")
     path = store.path(key)
     if not path.is_file():
@@ -475,12 +502,15 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", tags=["health"])
 async def readyz(res: ResourcesDep) -> dict[str, str]:
     """Readiness: Redis and storage reachable."""
+    # The causes go to the log only: a client learns nothing of the servers behind the gateway.
     try:
         await res.redis.ping()
     except Exception as e:
-        raise Unavailable(f"Redis is not reachable: {e}") from e
+        log.warning("not ready: Redis: %.200s", e)
+        raise Unavailable("the job store is not reachable") from e
     try:
         await asyncio.to_thread(res.storage.check)
     except StorageError as e:
-        raise Unavailable(e.message) from e
+        log.warning("not ready: %.200s", e.message)
+        raise Unavailable("image storage is not reachable") from e
     return {"status": "ready"}

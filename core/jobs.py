@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +17,9 @@ MAX_SEED = 2**32 - 1
 MAX_METADATA_BYTES = 4096
 # One unit of work: a guided 512 x 512, 25-step image (guidance doubles the denoiser's work).
 UNIT_WORK = 2 * 512 * 512 * 25
+# Every reader of a stored record must be able to parse it: pydantic-core's JSON parser stops at
+# 200 levels, and the record wraps a free-form field in a few levels of its own.
+MAX_FREE_FORM_DEPTH = 32
 
 
 class JobStatus(StrEnum):
@@ -68,6 +71,31 @@ def new_job_id() -> str:
 OutputFormat = Literal["png", "jpeg", "webp"]
 Priority = Literal["high", "normal", "low"]
 MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+FreeForm = TypeVar("FreeForm")
+
+
+def json_depth(value: object) -> int:
+    """How deeply lists and dicts nest in `value` (a scalar is 0), walked without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list | tuple):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def bounded(name: str, value: FreeForm, *, max_depth: int, max_bytes: int) -> FreeForm:
+    """`value`, a free-form JSON field, if it nests and weighs little enough; else ValueError."""
+    # Depth first: serializing a deeply nested value is what must not happen.
+    if json_depth(value) > max_depth:
+        raise ValueError(f"{name} must nest at most {max_depth} levels deep")
+    if len(json.dumps(value, separators=(",", ":")).encode()) > max_bytes:
+        raise ValueError(f"{name} must serialize to at most {max_bytes} bytes")
+    return value
 
 
 class JobRequest(BaseModel):
@@ -102,9 +130,8 @@ class JobRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(value, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata must serialize to at most {MAX_METADATA_BYTES} bytes")
-        return value
+        depth, size = MAX_FREE_FORM_DEPTH, MAX_METADATA_BYTES
+        return bounded("metadata", value, max_depth=depth, max_bytes=size)
 
     def seeded(self, seed: int) -> JobRequest:
         """This request with its seed fixed, as stored and returned."""

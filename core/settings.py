@@ -16,6 +16,8 @@ from core.jobs import MODEL_NAME
 from core.signing import InvalidSecret, parse_secret
 
 DAY_S = 86_400
+TENANT_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+MIN_API_KEY_LENGTH = 24  # ~143 bits as token_urlsafe characters: out of reach of guessing
 
 
 class Settings(BaseSettings):
@@ -108,6 +110,18 @@ class Settings(BaseSettings):
     api_keys: SecretStr = Field(SecretStr(""), description="tenant:key,tenant:key")
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     public_url: str | None = Field(None, description="base URL clients reach the gateway at")
+    # Hardening of the gateway's HTTP server (api/protocol.py, api/middleware.py).
+    trusted_proxies: str = Field(
+        "", description="addresses or networks (10.0.0.0/8) whose X-Forwarded-* are believed"
+    )
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line and headers")
+    max_headers: int = Field(100, ge=8)
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers arrive within")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body arrives within")
+    keepalive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections")
+    max_connections: int = Field(2048, ge=16, description="open connections per process")
+    auth_failures: int = Field(20, ge=1, description="failed authentications per peer and window")
+    auth_failure_window_s: float = Field(60.0, gt=0)
 
     # Webhooks.
     webhook_secret: SecretStr = Field(
@@ -201,17 +215,36 @@ class Settings(BaseSettings):
         """The storage URL, defaulting to a folder under the data dir."""
         return self.storage_url or (self.data_dir.resolve() / "images").as_uri()
 
-    def tenants(self) -> dict[str, str]:
-        """Map each configured API key to its tenant."""
-        keys: dict[str, str] = {}
+    def tenants(self) -> dict[str, tuple[str, str]]:
+        """Map each configured API key to its tenant and role (`tenant:key[:admin]`)."""
+        keys: dict[str, tuple[str, str]] = {}
         for item in self.api_keys.get_secret_value().split(","):
             if not item.strip():
                 continue
-            tenant, sep, key = item.strip().partition(":")
-            if not sep or not tenant or not key:
-                raise ConfigError("DQ_API_KEYS must look like tenant:key,tenant2:key2")
-            keys[key] = tenant
+            tenant, sep, rest = item.strip().partition(":")
+            key, _, role = rest.partition(":")
+            if not sep or not re.fullmatch(TENANT_NAME, tenant) or not key:
+                raise ConfigError("DQ_API_KEYS must look like tenant:key,tenant2:key2[:admin]")
+            if role not in ("", "user", "admin"):
+                raise ConfigError(f"DQ_API_KEYS: unknown role {role!r}: use user or admin")
+            if len(key) < MIN_API_KEY_LENGTH:
+                raise ConfigError(
+                    f"DQ_API_KEYS: the key of tenant {tenant!r} has {len(key)} characters; use at"
+                    f" least {MIN_API_KEY_LENGTH} random ones, e.g. from"
+                    " `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                )
+            keys[key] = (tenant, role or "user")
         return keys
+
+    def url_secret(self) -> bytes | None:
+        """The key that signs local file URLs; None when unset or empty."""
+        if self.secret_key is None or not self.secret_key.get_secret_value().strip():
+            return None
+        return self.secret_key.get_secret_value().encode()
+
+    def proxies(self) -> list[str]:
+        """The trusted proxies' addresses (X-Forwarded-* from anyone else is ignored)."""
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
 
     def webhook_signing_secrets(self, tenant: str) -> list[str]:
         """The secrets that sign a tenant's webhooks: its own, else the global ones."""

@@ -117,8 +117,10 @@ class FileStore:
         return hmac.new(self.secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
     def verify(self, key: str, expires: int, sig: str) -> bool:
-        """True when the signature matches and has not expired."""
-        good = hmac.compare_digest(self.signature(unquote(key), expires), sig)
+        """True when `sig` signs `key` (as the route received it, decoded once) and is unexpired."""
+        # Bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a no).
+        expected = self.signature(key, expires).encode()
+        good = hmac.compare_digest(expected, sig.encode(errors="replace"))
         return good and expires >= time.time()
 
     def delete_folder(self, folder: str) -> int:

@@ -26,14 +26,14 @@ from redis.asyncio import Redis as AsyncRedis
 from core import keys
 from core.errors import ConfigError
 from core.jobs import Priority
+from core.settings import TENANT_NAME as TENANT_PATTERN
 from core.settings import Settings
 from core.signing import SECRET_PREFIX
 
 KEY_PREFIX = "dqk_"  # recognisable in a leaked-secret scan
 KEY_BYTES = 32
-MIN_KEY_CHARS = 24  # a configured key shorter than this is refused at start-up
 LIVE_KEYS_PER_TENANT = 2  # the old one and the new one, during a rotation
-TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TENANT_NAME = re.compile(f"^{TENANT_PATTERN}$")
 
 
 class Role(StrEnum):
@@ -119,30 +119,11 @@ def new_key() -> str:
 
 
 def static_identities(settings: Settings) -> dict[str, Identity]:
-    """DQ_API_KEYS (`tenant:key[:role],…`), hashed; too-short keys refused at start-up."""
-    found: dict[str, Identity] = {}
-    for item in settings.api_keys.get_secret_value().split(","):
-        if not item.strip():
-            continue
-        tenant, key, role = _parse_static(item.strip())
-        if len(key) < MIN_KEY_CHARS:
-            raise ConfigError(
-                f"DQ_API_KEYS: the key of tenant {tenant!r} has {len(key)} characters; use at"
-                f" least {MIN_KEY_CHARS} random ones (`dq keys create {tenant}` makes one)"
-            )
-        found[hash_key(key)] = Identity(tenant=tenant, role=role)
-    return found
-
-
-def _parse_static(item: str) -> tuple[str, str, Role]:
-    tenant, sep, rest = item.partition(":")
-    key, _, role = rest.partition(":")
-    if not sep or not TENANT_NAME.match(tenant) or not key:
-        raise ConfigError("DQ_API_KEYS must look like tenant:key,tenant2:key2[:admin]")
-    try:
-        return tenant, key, Role(role or "user")
-    except ValueError:
-        raise ConfigError(f"DQ_API_KEYS: unknown role {role!r}: use user or admin") from None
+    """DQ_API_KEYS, hashed (Settings.tenants refuses malformed and too-short keys)."""
+    return {
+        hash_key(key): Identity(tenant=tenant, role=Role(role))
+        for key, (tenant, role) in settings.tenants().items()
+    }
 
 
 def webhook_secret(secret_key: bytes, tenant: str, version: int) -> str:

@@ -22,8 +22,9 @@ from core.processes import stop_process
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-ALICE_KEY = "key-alice-6f1d2c9a8b7e4f30a5d1"
-BOB_KEY = "key-bob-0c3e5a7b9d1f2e4c6a8b0d"
+# API keys must be at least 24 characters long (core.settings.MIN_API_KEY_LENGTH).
+ALICE_KEY = "key-alice-0123456789abcdef"
+BOB_KEY = "key-bob-0123456789abcdefgh"
 TEST_KEYS = f"alice:{ALICE_KEY},bob:{BOB_KEY}"
 
 
@@ -81,7 +82,7 @@ def env(redis_url: str, model_cache: Path, tmp_path: Path) -> dict[str, str]:
         "DQ_DATA_DIR": str(tmp_path / "data"),
         "DQ_STORAGE_URL": (tmp_path / "images").as_uri(),
         "DQ_MODEL_CACHE": str(model_cache),
-        "DQ_SECRET_KEY": "test-secret",
+        "DQ_SECRET_KEY": "test-secret-0123456789abcdef",
         "DQ_API_KEYS": TEST_KEYS,
         "DQ_CPU_THREADS": "1",
         "DQ_BATCH_TIMEOUT_S": "0.5",
@@ -101,11 +102,16 @@ class Gateway:
     """A real uvicorn server in a thread, on a free port."""
 
     def __init__(self, settings: Settings) -> None:
+        from api.__main__ import server_options
         from api.app import create_app
 
         self.port = free_port()
         config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=self.port, log_level="warning"
+            create_app(settings),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            **server_options(settings),  # the production server's protocol, limits and timeouts
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

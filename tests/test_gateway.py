@@ -23,9 +23,8 @@ from core import heartbeats
 from core.coalesce import ScriptBatcher
 from core.embedded import free_port
 from core.heartbeats import WorkerBeat, WorkerState
-from tests.conftest import ALICE_KEY
 
-from .conftest import ROOT
+from .conftest import ALICE_KEY, ROOT
 
 # Counts every call in KEYS[1]; refuses ARGV[1] == "bad"; answers ARGV[1].
 ECHO = """

@@ -17,6 +17,11 @@ from celery import Celery
 from core import connections
 from core.settings import Settings, load_settings
 
+# Library loggers whose warnings print request text: diffusers' pipelines log the part of a prompt
+# past CLIP's 77 tokens (one long request made ~100 KB of log), transformers' tokenizer warns on
+# long inputs. Their errors still come through.
+PROMPT_ECHOING_LOGGERS = ("diffusers.pipelines", "transformers.tokenization_utils_base")
+
 
 def at_least_once(name: str, settings: Settings, queue: str, **conf: Any) -> Celery:
     """A Celery app on the queue, configured so that no message is acked before its work."""
@@ -54,6 +59,8 @@ def run(
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    for name in PROMPT_ECHOING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     common = [f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle"]
     build(settings).worker_main(
         ["worker", *worker_args(settings, args.name), *common, "--without-heartbeat"]
