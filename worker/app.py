@@ -18,6 +18,7 @@ from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_logger
 from redis import Redis
 
+from core.catalog import Catalog
 from core.messages import GENERATE_TASK
 from core.settings import Settings
 from core.storage import open_store
@@ -146,7 +147,12 @@ def build_runner(settings: Settings, name: str) -> Runner:
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
         )
-        engine = load_engine(settings.model, settings.model_cache, settings.device, settings.dtype)
+        # One model per worker: the catalog's default until dispatch names a worker's model.
+        catalog = Catalog.from_settings(settings)
+        lora_cache_bytes = settings.lora_cache_mb * 1024 * 1024
+        engine = load_engine(
+            catalog.get(None), settings.model_cache, catalog.loras, lora_cache_bytes
+        )
         prefix = getattr(storage, "prefix", "")
         return BatchContext(
             store=store,

@@ -39,7 +39,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 # torch's global RNG is process-wide: two threads seeding it and drawing at once would interleave
-# their draws, and the "deterministic" weights would depend on scheduling.
+# their draws, and the "deterministic" weights would depend on scheduling. Loads take it too: with
+# accelerate installed (peft brings it), from_pretrained builds modules under accelerate's
+# init_empty_weights, which patches nn.Module process-wide, so a model built on another thread
+# meanwhile would get empty (meta) weights.
 _SEEDED = threading.Lock()
 
 Models = tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
@@ -342,13 +345,13 @@ def _from_pretrained(model: str, cache_dir: Path, dtype: torch.dtype) -> Diffusi
     if build is None:
         # Typed here because diffusers leaves this classmethod unannotated.
         load: Callable[..., DiffusionPipeline] = AutoPipelineForText2Image.from_pretrained
-        return load(model, torch_dtype=dtype, **_without_safety_checker(model))
-    return StableDiffusionPipeline.from_pretrained(
-        _ensure_built(cache_dir / model, build),
-        torch_dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+        with _SEEDED:
+            return load(model, torch_dtype=dtype, **_without_safety_checker(model))
+    path = _ensure_built(cache_dir / model, build)
+    with _SEEDED:
+        return StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
 
 
 def _without_safety_checker(model: str) -> dict[str, Any]:
