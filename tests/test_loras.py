@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -198,3 +199,24 @@ def test_tiny_sd2_takes_its_own_lora(model_cache: Path, lora_dir: Path) -> None:
     assert distance(back, plain) == 0.0
     with pytest.raises(AdapterError, match="LoRA 'ink' could not be loaded"):
         run(engine, Bucket(64, 64, 3, 7.5, model="tiny-sd2", loras=(("ink", 1.0),)))
+
+
+@pytest.mark.slow
+def test_the_adapters_bench_runs_and_writes_its_figures(tmp_path: Path, model_cache: Path) -> None:
+    from bench.__main__ import main
+
+    argv = ["--adapters", f"--out={tmp_path}", f"--model-cache={model_cache}", "--steps=2"]
+    assert main([*argv, "--repeats=1", "--gpu-batches=2"]) == 0
+
+    figures = json.loads((tmp_path / "adapters.json").read_text())
+    assert sorted(figures["lora"]) == [
+        "base_batch_ms",
+        "same_set_batch_ms",
+        "switch_cached_alone_ms",
+        "switch_cached_batch_ms",
+        "switch_from_file_alone_ms",
+        "switch_from_file_batch_ms",
+        "switch_off_alone_ms",
+    ]
+    assert figures["tasks"]["batch_2"]["txt2img_vs_txt2img"] == 1.0
+    assert all(v > 0 for v in figures["tasks"]["batch_2"].values())
