@@ -6,6 +6,7 @@ catalog of one. Settings such as `DQ_MAX_BATCH_SIZE` are the defaults of every e
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import tomllib
@@ -242,7 +243,7 @@ def _explain(error: ValidationError) -> list[str]:
         else:
             entry, key = "", ".".join(loc)
         if err["type"] == "extra_forbidden":
-            message = "is not a key an entry may have"
+            message = "is not a key an entry may have" + _did_you_mean(loc[-1])
             if not entry:
                 message = "is not a top-level key (default, lora_folder, lora_families, models)"
         elif err["type"] == "missing":
@@ -252,6 +253,12 @@ def _explain(error: ValidationError) -> list[str]:
         hint = EXAMPLES.get(key.partition(".")[0] if entry else key)
         lines.append(f"{entry}{key}: {message}" + (f"; write {hint}" if hint else ""))
     return lines
+
+
+def _did_you_mean(key: str) -> str:
+    """A hint naming the entry key closest to a misspelt one, if one is close."""
+    close = difflib.get_close_matches(key, [*_Entry.model_fields, *_DefaultsEntry.model_fields])
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _spec(name: str, entry: _Entry, base: Path, settings: Settings) -> ModelSpec:

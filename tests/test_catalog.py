@@ -226,7 +226,7 @@ ENTRY = '[models.sd]\nsource = "org/model"\nfamily = "sd1"\n'
         ),
         (
             ENTRY + "max_batch = 4\n",
-            "[models.sd] max_batch: is not a key an entry may have",
+            "[models.sd] max_batch: is not a key an entry may have (did you mean max_batch_size?)",
         ),
         (
             '[models.sd]\nfamily = "sd1"\n',
