@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from core.errors import ConfigError
 from core.jobs import Bucket
 from core.settings import Settings
 from worker import models
-from worker.inference import Engine, Row, UnsupportedTask, load_engine
+from worker.inference import Engine, Row, UnsupportedTask, WrongModel, load_engine
 from worker.models import (
     build_tiny,
     build_tiny_sd2,
@@ -438,9 +439,14 @@ def test_an_input_of_another_size_is_fitted_to_the_bucket(engine: Engine) -> Non
     assert made.size == (64, 64)
 
 
-def test_a_task_the_model_does_not_do_is_refused(cache_dir: Path, engine: Engine) -> None:
-    spec = Catalog.from_settings(Settings(model="someone/model")).get(None)
-    text_only = Engine(engine.pipe, spec)
+def test_a_task_the_model_does_not_do_is_refused(engine: Engine) -> None:
+    assert engine.spec is not None
+    text_only = Engine(engine.pipe, dataclasses.replace(engine.spec, tasks=("txt2img",)))
 
-    with pytest.raises(UnsupportedTask, match="model someone/model does not do img2img"):
+    with pytest.raises(UnsupportedTask, match="model tiny does not do img2img"):
         edit(text_only, "img2img", 0.5, [Row("j", 0, "a boat", None, 3, picture(1))])
+
+
+def test_a_batch_for_another_model_is_refused(engine: Engine) -> None:
+    with pytest.raises(WrongModel, match="a batch for model tiny-sd2 reached a tiny worker"):
+        engine.generate([Row("j", 0, "a boat", None, 3)], Bucket(64, 64, 2, 7.5, "tiny-sd2"), bool)

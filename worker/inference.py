@@ -31,6 +31,12 @@ class UnsupportedTask(ServiceError):
     code = "unsupported_task"
 
 
+class WrongModel(ServiceError):
+    """A batch for another model reached this worker (a routing fault, never the client's)."""
+
+    code = "wrong_model"
+
+
 @dataclass(frozen=True)
 class Row:
     """One image to make: a job's prompt with its own seed (and its inputs, fitted to its size)."""
@@ -65,6 +71,8 @@ class Engine:
 
     def generate(self, rows: Sequence[Row], bucket: Bucket, on_step: StepHook) -> list[Image]:
         """One pipeline call; a generator per row keeps each image independent of its batch."""
+        if self.spec is not None and bucket.model and bucket.model != self.spec.name:
+            raise WrongModel(f"a batch for model {bucket.model} reached a {self.spec.name} worker")
         self._use_loras(bucket.loras)
         pipe = self.pipe_for(bucket.task)
         negatives = [r.negative_prompt for r in rows]
