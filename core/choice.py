@@ -16,6 +16,7 @@ from core.loras import LoraCatalog
 
 MAX_LORAS = 4
 MAX_LORA_SCALE = 4.0
+MAX_NAMES_SHOWN = 10
 
 
 class LoraAsk(Protocol):
@@ -181,7 +182,10 @@ def _check_lora(loras: LoraCatalog, spec: ModelSpec, lora: LoraAsk, field: str) 
     found = loras.get(lora.name)
     if found is None:
         names = loras.for_family(spec.family)
-        offered = f"model {spec.name} takes {', '.join(names)}" if names else "there are none"
+        shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (
+            ", ..." if len(names) > MAX_NAMES_SHOWN else ""
+        )
+        offered = f"model {spec.name} takes {shown}" if names else "there are none"
         raise ValidationFailed(
             f"unknown LoRA {lora.name!r}: {offered}", field=f"{field}.name", code="unknown_lora"
         )
