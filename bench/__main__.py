@@ -46,6 +46,13 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick")
     mode.add_argument("--full", dest="mode", action="store_const", const="full")
     mode.add_argument("--gpu", dest="mode", action="store_const", const="gpu")
+    mode.add_argument(
+        "--adapters",
+        dest="mode",
+        action="store_const",
+        const="adapters",
+        help="LoRA switch cost and img2img/inpaint throughput, in one process (bench/adapters.py)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder")
     p.add_argument("--url", help="measure a running gateway instead of starting one")
     p.add_argument("--api-key", help="bearer key for --url")
@@ -145,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe otherwise
     try:
+        if args.mode == "adapters":
+            from bench.adapters import AdapterBench, run_adapters
+
+            return run_adapters(AdapterBench.of(args))
         plan = plan_of(args)
         with stopped_cleanly():
             if plan.mode == "gpu":

@@ -234,6 +234,10 @@ class Bucket:
     height: int
     steps: int
     guidance_scale: float
+    model: str = ""  # the catalog name; a worker serves one model
+    task: str = "txt2img"  # txt2img, img2img or inpaint: each is its own pipeline call
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale), sorted by name
+    strength: float | None = None  # img2img and inpaint only
 
     @classmethod
     def of(cls, request: JobRequest) -> Bucket:

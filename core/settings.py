@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     dtype: str | None = None
     cpu_threads: int | None = Field(None, ge=1, le=256)
     max_side: int = Field(2048, ge=64, le=4096)
+    # Many models: a catalog file (TOML) naming each, and a folder of LoRA files.
+    models: Path | None = Field(None, description="catalog file; unset: DQ_MODEL alone")
+    loras: Path | None = Field(None, description="folder of LoRA *.safetensors files")
+    lora_cache_mb: int = Field(1024, ge=0, description="LoRA weights a worker keeps loaded")
+    # Image inputs (img2img, inpaint) are untrusted: caps on what a worker fetches and decodes.
+    input_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    input_max_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    input_timeout_s: float = Field(15.0, gt=0)
+    input_allow_private: bool = Field(False, description="local development only")
 
     # Batching (the seed's knob names).
     max_batch_size: int = Field(4, ge=1, le=64)

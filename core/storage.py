@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +18,13 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 FILES_ROUTE = "/v1/files/"
+UPLOADS_ROUTE = "/v1/uploads/"
+
+
+class NotStored(StorageError):
+    """No object at the key asked for."""
+
+    code = "not_stored"
 
 
 class ObjectStore(Protocol):
@@ -45,6 +53,25 @@ def image_key(prefix: str, job_id: str, index: int, ext: str) -> str:
     return "/".join(p for p in (prefix.strip("/"), job_id, f"{index}.{ext}") if p)
 
 
+def input_key(prefix: str, job_id: str, name: str) -> str:
+    """Where a job's input (`image`, `mask`) is kept: beside its outputs, expiring with them."""
+    return "/".join(p for p in (prefix.strip("/"), job_id, f"input-{name}.png") if p)
+
+
+def upload_key(prefix: str, upload_id: str) -> str:
+    """Where a client's upload lands before a job names it (`upload:<id>`)."""
+    return "/".join(p for p in (prefix.strip("/"), "uploads", upload_id) if p)
+
+
+def new_upload_id() -> str:
+    """An upload id with 128 random bits: knowing it is the right to use the upload."""
+    return "up_" + secrets.token_hex(16)
+
+
+def _too_large(key: str, max_bytes: int) -> StorageError:
+    return StorageError(f"{key} is larger than {max_bytes} bytes", code="too_large")
+
+
 class S3Store:
     """Images in an S3 bucket, read through presigned URLs."""
 
@@ -64,6 +91,28 @@ class S3Store:
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_s
             )
         )
+
+    def upload_url(self, key: str, ttl_s: int, content_type: str) -> str:
+        """A presigned PUT URL: the client uploads straight to the bucket, never through us."""
+        params = {"Bucket": self.bucket, "Key": key, "ContentType": content_type}
+        return str(self.client.generate_presigned_url("put_object", Params=params, ExpiresIn=ttl_s))
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Read an object back, refusing one past `max_bytes` before reading its body."""
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+        except self.client.exceptions.NoSuchKey as e:
+            raise NotStored(f"no object at {key}") from e
+        body = answer["Body"]
+        try:
+            if max_bytes is not None and int(answer.get("ContentLength", 0)) > max_bytes:
+                raise _too_large(key, max_bytes)
+            data: bytes = body.read() if max_bytes is None else body.read(max_bytes + 1)
+        finally:
+            body.close()
+        if max_bytes is not None and len(data) > max_bytes:
+            raise _too_large(key, max_bytes)
+        return data
 
     def check(self) -> None:
         """HEAD the bucket."""
@@ -131,6 +180,36 @@ class FileStore:
         files = [p for p in path.rglob("*") if p.is_file()]
         shutil.rmtree(path, ignore_errors=True)
         return len(files)
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Read an object back, refusing one past `max_bytes` (reading one byte more at most)."""
+        path = self.path(key)
+        try:
+            with path.open("rb") as file:
+                data = file.read(-1 if max_bytes is None else max_bytes + 1)
+        except FileNotFoundError as e:
+            raise NotStored(f"no object at {key}") from e
+        if max_bytes is not None and len(data) > max_bytes:
+            raise _too_large(key, max_bytes)
+        return data
+
+    def upload_url(self, key: str, ttl_s: int, content_type: str) -> str:
+        """A gateway path a client may PUT `key` to until it expires (signed apart from reads)."""
+        # content_type is not signed: the type of what arrives is read from its bytes anyway.
+        expires = int(time.time()) + ttl_s
+        sig = self._upload_signature(key, expires)
+        return f"{UPLOADS_ROUTE}{quote(key)}?expires={expires}&sig={sig}"
+
+    def verify_upload(self, key: str, expires: int, sig: str) -> bool:
+        """True when an upload URL's signature matches and has not expired."""
+        expected = self._upload_signature(key, expires).encode()
+        good = hmac.compare_digest(expected, sig.encode("utf-8", "replace"))
+        return good and expires >= time.time()
+
+    def _upload_signature(self, key: str, expires: int) -> str:
+        # "PUT" in the message: a signed read URL can never be replayed as a write.
+        message = f"PUT\n{key}\n{expires}".encode()
+        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
 
     def check(self) -> None:
         """The folder exists or can be made."""

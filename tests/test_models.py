@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,10 +14,15 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from PIL import Image
 
+from core.catalog import Catalog
 from core.errors import ConfigError
+from core.jobs import Bucket
+from core.settings import Settings
 from worker import models
+from worker.inference import Engine, Row, UnsupportedTask, WrongModel, load_engine
 from worker.models import (
     build_tiny,
+    build_tiny_sd2,
     load_pipeline,
     model_limits,
     resolve_device,
@@ -35,6 +42,16 @@ TINY_FILES = [
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The model on one thread, as the tests' workers run it: two threads on a shared two-core
+    machine spin against each other and make every call ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +311,142 @@ def test_set_cpu_threads() -> None:
             set_cpu_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+# --- tiny-sd2, and the img2img and inpaint twins of a loaded pipeline ---------------------------
+
+
+def test_tiny_sd2_is_shaped_like_sd2_and_built_the_same_every_time(
+    cache_dir: Path, tiny: StableDiffusionPipeline, tmp_path: Path
+) -> None:
+    sd2 = load_pipeline("tiny-sd2", cache_dir, device="cpu")
+    build_tiny_sd2(tmp_path / "again")
+
+    assert type(sd2) is StableDiffusionPipeline
+    assert sd2.scheduler.config.prediction_type == "v_prediction"
+    assert tiny.scheduler.config.prediction_type == "epsilon"
+    # What makes it another family: its UNet reads a wider text embedding, through linear
+    # projections, so neither model's LoRAs fit the other.
+    shapes = [
+        (p.unet.config.cross_attention_dim, p.text_encoder.config.hidden_size) for p in (tiny, sd2)
+    ]
+    assert shapes == [(32, 32), (64, 64)]
+    assert (tiny.unet.config.use_linear_projection, sd2.unet.config.use_linear_projection) == (
+        False,
+        True,
+    )
+    assert files(tmp_path / "again") == files(cache_dir / "tiny-sd2")
+    [image] = generate(sd2, ["a lighthouse"], [5])
+    assert image.size == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def engine(cache_dir: Path, tiny: StableDiffusionPipeline) -> Engine:
+    """A worker's engine for tiny, loaded from its catalog entry."""
+    spec = Catalog.from_settings(Settings(model="tiny")).get(None)
+    return load_engine(spec, cache_dir)
+
+
+def picture(seed: int) -> Image.Image:
+    """A smooth random 64 x 64 picture: blocks of colour, blurred by the upscale."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8))
+    return small.resize((64, 64), Image.Resampling.BILINEAR)
+
+
+def half_mask() -> Image.Image:
+    """White (paint) over the right half, black (keep) over the left."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    return Image.fromarray(mask)
+
+
+def edit(
+    engine: Engine, task: str, strength: float, rows: Sequence[Row], steps: int = 10
+) -> tuple[list[Image.Image], list[int]]:
+    """One img2img or inpaint batch, and the progress it reported."""
+    progress: list[int] = []
+    b = Bucket(64, 64, steps, 7.5, model="tiny", task=task, strength=strength)
+    images = engine.generate(rows, b, lambda step: progress.append(step) or True)
+    return images, progress
+
+
+def test_img2img_and_inpaint_share_the_loaded_weights(engine: Engine) -> None:
+    twins = [engine.pipe_for("img2img"), engine.pipe_for("inpaint")]
+
+    assert [type(t).__name__ for t in twins] == [
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+    ]
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert all(getattr(t, part) is getattr(engine.pipe, part) for t in twins), part
+    assert engine.pipe_for("img2img") is twins[0]  # made once
+
+
+def test_img2img_follows_the_input_more_at_low_strength(engine: Engine) -> None:
+    # With random weights the VAE does not reproduce its input, so every output is about as far
+    # from the input image as any other (a mean of about 88 here, whatever the strength). What
+    # strength does control is how much of the output the input decides: two different inputs
+    # with the same seed and prompt give far more different outputs at 0.3 than at 0.9.
+    def spread(strength: float) -> float:
+        one, _ = edit(engine, "img2img", strength, [Row("j", 0, "a boat", None, 3, picture(1))])
+        two, _ = edit(engine, "img2img", strength, [Row("j", 0, "a boat", None, 3, picture(2))])
+        return pixel_distance(one[0], two[0])
+
+    low, high = spread(0.3), spread(0.9)
+
+    assert low > 3 * high
+    assert high > 0.0
+
+
+def test_img2img_runs_the_strengths_share_of_the_steps(engine: Engine) -> None:
+    row = Row("j", 0, "a boat", None, 3, picture(1))
+
+    _, low = edit(engine, "img2img", 0.3, [row])
+    _, high = edit(engine, "img2img", 0.9, [row])
+
+    # Progress counts the skipped steps as done, so it still ends at the steps asked for.
+    assert (low, high) == ([8, 9, 10], [2, 3, 4, 5, 6, 7, 8, 9, 10])
+
+
+def test_an_img2img_row_is_the_same_alone_and_in_a_batch(engine: Engine) -> None:
+    rows = [Row("a", 0, "a boat", None, 3, picture(1)), Row("b", 0, "a cat", "fog", 4, picture(2))]
+
+    batch, _ = edit(engine, "img2img", 0.6, rows, steps=5)
+    alone, _ = edit(engine, "img2img", 0.6, rows[1:], steps=5)
+
+    assert pixel_distance(batch[1], alone[0]) < 1.0
+    assert pixel_distance(batch[0], batch[1]) > 10.0
+
+
+def test_inpaint_keeps_the_input_outside_the_mask(engine: Engine) -> None:
+    original = picture(1)
+    row = Row("j", 0, "a boat", None, 3, original, half_mask())
+
+    [made], progress = edit(engine, "inpaint", 1.0, [row], steps=4)
+
+    ours, theirs = np.asarray(made, dtype=np.float64), np.asarray(original, dtype=np.float64)
+    assert np.abs(ours[:, :32] - theirs[:, :32]).mean() == 0.0
+    assert np.abs(ours[:, 32:] - theirs[:, 32:]).mean() > 10.0
+    assert progress == [1, 2, 3, 4]
+
+
+def test_an_input_of_another_size_is_fitted_to_the_bucket(engine: Engine) -> None:
+    wide = picture(1).resize((96, 64))
+
+    [made], _ = edit(engine, "img2img", 0.5, [Row("j", 0, "a boat", None, 3, wide)], steps=2)
+
+    assert made.size == (64, 64)
+
+
+def test_a_task_the_model_does_not_do_is_refused(engine: Engine) -> None:
+    assert engine.spec is not None
+    text_only = Engine(engine.pipe, dataclasses.replace(engine.spec, tasks=("txt2img",)))
+
+    with pytest.raises(UnsupportedTask, match="model tiny does not do img2img"):
+        edit(text_only, "img2img", 0.5, [Row("j", 0, "a boat", None, 3, picture(1))])
+
+
+def test_a_batch_for_another_model_is_refused(engine: Engine) -> None:
+    with pytest.raises(WrongModel, match="a batch for model tiny-sd2 reached a tiny worker"):
+        engine.generate([Row("j", 0, "a boat", None, 3)], Bucket(64, 64, 2, 7.5, "tiny-sd2"), bool)

@@ -19,6 +19,7 @@ from celery.utils.log import get_logger
 
 from core import connections
 from core.broker import GENERATE_TASK
+from core.catalog import Catalog
 from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings
 from core.storage import open_store
@@ -149,7 +150,12 @@ def build_runner(settings: Settings, name: str) -> Runner:
         from worker.models import set_cpu_threads
 
         set_cpu_threads(settings.cpu_threads)
-        engine = load_engine(settings.model, settings.model_cache, settings.device, settings.dtype)
+        # One model per worker: the catalog's default until dispatch names a worker's model.
+        catalog = Catalog.from_settings(settings)
+        lora_cache_bytes = settings.lora_cache_mb * 1024 * 1024
+        engine = load_engine(
+            catalog.get(None), settings.model_cache, catalog.loras, lora_cache_bytes
+        )
         prefix = getattr(storage, "prefix", "")
         return BatchContext(
             store=store,

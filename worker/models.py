@@ -23,7 +23,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import Stabl
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from core.catalog import BUILT_IN_FAMILIES
 from core.errors import ConfigError
+from core.loras import FAMILY_KEY
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 # torch's global RNG is process-wide: two threads seeding it and drawing at once would interleave
-# their draws, and the "deterministic" weights would depend on scheduling.
+# their draws, and the "deterministic" weights would depend on scheduling. Loads take it too: with
+# accelerate installed (peft brings it), from_pretrained builds modules under accelerate's
+# init_empty_weights, which patches nn.Module process-wide, so a model built on another thread
+# meanwhile would get empty (meta) weights.
 _SEEDED = threading.Lock()
 
 Models = tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
@@ -107,9 +112,48 @@ def build_tiny(path: Path) -> None:
     _save_random_pipeline(path, _tiny_models)
 
 
+def build_tiny_sd2(path: Path) -> None:
+    """Write a tiny Stable-Diffusion-2-shaped pipeline (v-prediction) with seeded random weights."""
+    _save_random_pipeline(path, _tiny_sd2_models, scheduler=_scheduler("v_prediction"))
+
+
 def build_sd15_random(path: Path) -> None:
     """Write a Stable Diffusion 1.5-shaped pipeline with seeded random weights to `path`."""
     _save_random_pipeline(path, _sd15_models, torch.float16)
+
+
+def build_tiny_lora(path: Path, model: str = "tiny", *, seed: int = 0, rank: int = 4) -> None:
+    """Write a LoRA with seeded random weights for `model` (tiny or tiny-sd2) to `path`."""
+    # Imported here: only this builder needs them, and peft takes a while to import.
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    make_models = _LORA_BASES[model]
+    # LoRA B starts at zero by default (a no-op adapter); random B makes the LoRA visible.
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        init_lora_weights=False,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+    )
+    with _SEEDED, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = make_models(_char_tokenizer())[0]
+        unet.add_adapter(config)
+    # Typed here because diffusers leaves the converter unannotated.
+    to_diffusers = cast(
+        Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        convert_state_dict_to_diffusers,
+    )
+    layers = to_diffusers(get_peft_model_state_dict(unet))
+    # The diffusers layout (`unet.<module>.lora.down.weight`) that load_lora_weights reads; the
+    # family in the metadata is what the LoRA catalog checks requests against.
+    tensors = {f"unet.{key}": value.contiguous() for key, value in layers.items()}
+    metadata = {"format": "pt", FAMILY_KEY: BUILT_IN_FAMILIES[model], "dq.base_model": model}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def _tiny_models(tokenizer: CLIPTokenizer) -> Models:
@@ -132,6 +176,38 @@ def _tiny_models(tokenizer: CLIPTokenizer) -> Models:
     )
     text_encoder = _text_encoder(
         tokenizer, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4
+    )
+    return unet, vae, text_encoder
+
+
+def _tiny_sd2_models(tokenizer: CLIPTokenizer) -> Models:
+    """The tiny models in SD 2's shape: a wider text embedding, linear attention projections."""
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        # SD 2 reads OpenCLIP's 1024-wide embedding where SD 1 reads CLIP's 768: so 64 here, 32 in
+        # tiny, and a LoRA made for one cannot load into the other.
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        sample_size=64,
+    )
+    text_encoder = _text_encoder(
+        tokenizer,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        hidden_act="gelu",
     )
     return unet, vae, text_encoder
 
@@ -196,9 +272,10 @@ def _char_tokenizer() -> CLIPTokenizer:
     return tokenizer
 
 
-def _scheduler() -> DDIMScheduler:
+def _scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     """DDIM with Stable Diffusion's noise schedule."""
     scheduler: DDIMScheduler = DDIMScheduler(
+        prediction_type=prediction_type,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -210,7 +287,10 @@ def _scheduler() -> DDIMScheduler:
 
 
 def _save_random_pipeline(
-    path: Path, make_models: Callable[[CLIPTokenizer], Models], dtype: torch.dtype = torch.float32
+    path: Path,
+    make_models: Callable[[CLIPTokenizer], Models],
+    dtype: torch.dtype = torch.float32,
+    scheduler: DDIMScheduler | None = None,
 ) -> None:
     """Build `make_models`' components from seed 0 and save them as a Stable Diffusion pipeline."""
     tokenizer = _char_tokenizer()
@@ -224,7 +304,7 @@ def _save_random_pipeline(
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
         "unet": unet,
-        "scheduler": _scheduler(),
+        "scheduler": scheduler or _scheduler(),
         "safety_checker": None,
         "feature_extractor": None,
     }
@@ -236,9 +316,16 @@ def _save_random_pipeline(
     pipe.save_pretrained(path)
 
 
+# The models a tiny LoRA can be made for.
+_LORA_BASES: dict[str, Callable[[CLIPTokenizer], Models]] = {
+    "tiny": _tiny_models,
+    "tiny-sd2": _tiny_sd2_models,
+}
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny": build_tiny,
     "sd15-random": build_sd15_random,
+    "tiny-sd2": build_tiny_sd2,
 }
 
 
@@ -258,13 +345,13 @@ def _from_pretrained(model: str, cache_dir: Path, dtype: torch.dtype) -> Diffusi
     if build is None:
         # Typed here because diffusers leaves this classmethod unannotated.
         load: Callable[..., DiffusionPipeline] = AutoPipelineForText2Image.from_pretrained
-        return load(model, torch_dtype=dtype, **_without_safety_checker(model))
-    return StableDiffusionPipeline.from_pretrained(
-        _ensure_built(cache_dir / model, build),
-        torch_dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+        with _SEEDED:
+            return load(model, torch_dtype=dtype, **_without_safety_checker(model))
+    path = _ensure_built(cache_dir / model, build)
+    with _SEEDED:
+        return StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
 
 
 def _without_safety_checker(model: str) -> dict[str, Any]:
