@@ -1,0 +1,484 @@
+"""The step engine: a worker-owned denoising loop that jobs join and leave at every step.
+
+Four threads, each owning its part:
+- intake: encodes prompts (one batch for the jobs that arrived together) and prepares each job's
+  scheduler and first latents, then hands the tracks to the loop;
+- loop: at each step boundary drops canceled jobs, admits waiting ones (`admission.admit`), then
+  runs one `Loop.step()`; nothing else runs on it, so CPU work never stalls the denoiser;
+- finisher: decodes each finished job's latents to images;
+- events: calls the listener, in order (progress, done, failed, canceled), so that ledger writes
+  and uploads never run on the loop.
+State shared between them sits behind one condition, `_cond`; see `_Shared`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from PIL.Image import Image
+
+from worker.admission import Budget, Seat, StepTimes, admit, row_budget
+from worker.families import StepUnsupported, family_of
+from worker.intake import Intake
+from worker.loop import Adapters, Loop, Step, Stopwatch
+from worker.tracks import StepJob, Track
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """A job's progress after a step."""
+
+    job_id: str
+    done: int  # timesteps done
+    total: int  # timesteps in its schedule
+    steps: int  # the steps the request asked for
+
+    @property
+    def step(self) -> int:
+        """Progress in the request's steps (PNDM's warm-up and img2img's strength scaled away)."""
+        return self.done * self.steps // self.total
+
+
+class Listener(Protocol):
+    """What the engine tells its owner; called from one engine thread, in order, never the loop's.
+
+    Each call should be quick: hand slow work (uploads) to threads of your own.
+    """
+
+    def on_progress(self, reports: Sequence[StepReport]) -> None:
+        """Jobs advanced (the latest report of each job since the last call)."""
+
+    def on_done(self, job_id: str, images: list[Image]) -> None:
+        """A job finished; its images, one per seed."""
+
+    def on_failed(self, job_id: str, error: Exception) -> None:
+        """A job failed alone (its encoding, start, denoiser rows or decode raised)."""
+
+    def on_canceled(self, job_id: str) -> None:
+        """A canceled job left: it made no images and will not be reported again."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much the loop may hold at once."""
+
+    max_rows: int = 16  # denoiser rows of all running jobs (two per guided image)
+    max_pixels: int | None = None  # rows x pixels of all running jobs; None: no cap
+    adaptive: bool = True  # cap each call's rows where more rows stop paying (admission.row_budget)
+    min_rows: int = 2  # the adaptive cap never goes below this
+    preempt: bool = True  # more urgent jobs may park less urgent ones
+    intake_batch: int = 16  # jobs encoded in one text-encoder batch at most
+
+
+@dataclass
+class LoopStats:
+    """Where the loop's busy time went (loop thread only; read a copy)."""
+
+    steps: int = 0
+    rows: int = 0  # denoiser rows over all steps
+    busy_s: float = (
+        0.0  # loop-thread time in steps, from admission to hand-off; idle waits excluded
+    )
+    denoise_s: float = 0.0  # of which the denoiser calls took (GPU time on a GPU)
+    by_rows: dict[int, tuple[int, float]] = field(default_factory=dict)  # rows: (calls, seconds)
+
+    @property
+    def outside_share(self) -> float | None:
+        """The part of busy time spent outside the denoiser."""
+        return None if self.busy_s <= 0 else max(0.0, 1 - self.denoise_s / self.busy_s)
+
+    def add_lap(self, rows: int, seconds: float) -> None:
+        """Count one timed denoiser call."""
+        self.denoise_s += seconds
+        calls, total = self.by_rows.get(rows, (0, 0.0))
+        self.by_rows[rows] = (calls + 1, total + seconds)
+
+    def copy(self) -> LoopStats:
+        """A snapshot."""
+        return LoopStats(self.steps, self.rows, self.busy_s, self.denoise_s, dict(self.by_rows))
+
+
+@dataclass(frozen=True)
+class Drained:
+    """What a drain left: jobs never started (to hand back), jobs still running at its timeout."""
+
+    returned: list[str]
+    unfinished: list[str]
+
+
+@dataclass
+class _Waiting:
+    """A prepared track waiting for a seat (fresh, or parked after it ran)."""
+
+    track: Track
+    arrived: float
+    ran: bool = False
+
+
+@dataclass
+class _Shared:
+    """State the threads share; every field is read and written under `StepEngine._cond`."""
+
+    inbox: list[tuple[StepJob, float]] = field(default_factory=list)  # submitted, not yet started
+    starting: int = 0  # jobs the intake is starting right now
+    waiting: dict[str, _Waiting] = field(default_factory=dict)  # started, not running
+    canceled: set[str] = field(default_factory=set)
+    open: set[str] = field(default_factory=set)  # submitted, not yet reported as ended
+    draining: bool = False
+    closing: bool = False
+
+
+class StepEngine:
+    """A step-level batching engine over one loaded SD-family pipeline."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        listener: Listener,
+        *,
+        model: str = "model",
+        settings: Settings | None = None,
+        adapters: Adapters | None = None,
+        stopwatch: Stopwatch | None = None,
+    ) -> None:
+        self.family = family_of(pipe)
+        self.model, self.listener = model, listener
+        self.settings = settings or Settings()
+        self.adapters = adapters
+        self.intake = Intake(self.family, model, adapters)
+        self.loop = Loop(pipe.unet, adapters, stopwatch)
+        self.stats = LoopStats()
+        self.times = StepTimes()
+        self._cond = threading.Condition()
+        self._shared = _Shared()
+        self._finished: queue.SimpleQueue[Track | None] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        # The loop thread's own: when each running job arrived and was admitted.
+        self._arrived: dict[str, float] = {}
+        self._admitted: dict[str, float] = {}
+        self._woke = 0.0
+
+    # --- the owner's side ---------------------------------------------------------------------
+
+    def start(self) -> StepEngine:
+        """Start the engine's threads."""
+        for target, name in (
+            (self._intake_loop, "intake"),
+            (self._step_loop, "loop"),
+            (self._finish_loop, "finisher"),
+            (self._event_loop, "events"),
+        ):
+            thread = threading.Thread(target=target, name=f"dq-steps-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def submit(self, job: StepJob) -> None:
+        """Take a job; StepUnsupported (at once) when this engine cannot run it."""
+        self.intake.check(job)
+        if job.loras and self.adapters is None:
+            raise StepUnsupported("this step engine has no LoRA support: run the job in batches")
+        with self._cond:
+            shared = self._shared
+            if shared.draining or shared.closing:
+                raise StepUnsupported("the step engine is draining and takes no new job")
+            if job.job_id in shared.open:
+                raise StepUnsupported(f"job {job.job_id} is already in the step engine")
+            shared.open.add(job.job_id)
+            shared.inbox.append((job, time.monotonic()))
+            self._cond.notify_all()
+
+    def cancel(self, job_id: str) -> bool:
+        """Drop a job at the next step boundary (no images); False if it is not here."""
+        with self._cond:
+            if job_id not in self._shared.open:
+                return False
+            self._shared.canceled.add(job_id)
+            self._cond.notify_all()
+            return True
+
+    def drain(self, timeout: float) -> Drained:
+        """Admit nothing new, finish every job that started, and say what was left."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            shared = self._shared
+            shared.draining = True
+            self._cond.notify_all()
+            self._cond.wait_for(
+                lambda: self._settled(), timeout=max(0.0, deadline - time.monotonic())
+            )
+            fresh = [j.job_id for j, _ in shared.inbox]
+            fresh += [i for i, w in shared.waiting.items() if not w.ran]
+            shared.inbox.clear()
+            for job_id in fresh:
+                shared.waiting.pop(job_id, None)
+                shared.open.discard(job_id)
+            return Drained(returned=fresh, unfinished=sorted(shared.open))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop every thread (jobs still running are dropped unreported: drain first)."""
+        with self._cond:
+            self._shared.closing = True
+            self._cond.notify_all()
+        self._finished.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+            if thread.name == "dq-steps-finisher":
+                self._events.put(None)
+
+    def open_jobs(self) -> int:
+        """Jobs taken and not yet reported as ended (waiting, running or decoding)."""
+        with self._cond:
+            return len(self._shared.open)
+
+    def snapshot(self) -> LoopStats:
+        """The loop's figures so far."""
+        with self._cond:
+            return self.stats.copy()
+
+    def _settled(self) -> bool:
+        """Draining: nothing started is still running, starting or unreported."""
+        shared = self._shared
+        fresh = {j.job_id for j, _ in shared.inbox} | {
+            i for i, w in shared.waiting.items() if not w.ran
+        }
+        return shared.starting == 0 and shared.open <= fresh
+
+    # --- intake thread ------------------------------------------------------------------------
+
+    def _intake_loop(self) -> None:
+        """Start jobs as they arrive, in batches."""
+        while (batch := self._next_intake()) is not None:
+            try:
+                started = self.intake.start([job for job, _ in batch])
+            except Exception as e:  # a loop boundary: fail this batch's jobs, keep serving
+                log.exception("the intake raised for %d jobs", len(batch))
+                started = {job.job_id: e for job, _ in batch}
+            self._hand_over(batch, started)
+
+    def _next_intake(self) -> list[tuple[StepJob, float]] | None:
+        """The next jobs to start (None when closing); canceled ones are dropped here."""
+        with self._cond:
+            shared = self._shared
+            self._cond.wait_for(lambda: shared.closing or (shared.inbox and not shared.draining))
+            if shared.closing:
+                return None
+            batch = shared.inbox[: self.settings.intake_batch]
+            del shared.inbox[: len(batch)]
+            for job, _ in batch:
+                if job.job_id in shared.canceled:
+                    self._post("canceled", job.job_id)
+            batch = [(job, at) for job, at in batch if job.job_id not in shared.canceled]
+            shared.starting = len(batch)
+            return batch
+
+    def _hand_over(self, batch: list[tuple[StepJob, float]], started: dict[str, Any]) -> None:
+        """Give the started tracks to the loop; report the jobs that failed to start."""
+        with self._cond:
+            shared = self._shared
+            for job, arrived in batch:
+                outcome = started[job.job_id]
+                if isinstance(outcome, Exception):
+                    self._post("failed", job.job_id, outcome)
+                elif job.job_id in shared.canceled:
+                    self._post("canceled", job.job_id)
+                else:
+                    shared.waiting[job.job_id] = _Waiting(outcome, arrived)
+            shared.starting = 0
+            self._cond.notify_all()
+
+    # --- loop thread --------------------------------------------------------------------------
+
+    def _step_loop(self) -> None:
+        """Admit at each step boundary, then step; idle while there is nothing to run."""
+        with torch.inference_mode():
+            while self._boundary():
+                try:
+                    step = self.loop.step()
+                except Exception as e:  # a loop boundary: the running jobs fail, the loop goes on
+                    log.exception("a step raised outside any one job's rows")
+                    step = Step(failed=[(t, e) for t in self.loop.tracks.values()])
+                    self.loop.tracks.clear()
+                self._after(step)
+
+    def _boundary(self) -> bool:
+        """Wait for work, apply cancels and admission; False when closing."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._shared.closing or self._runnable())
+            self._woke = time.perf_counter()
+            if self._shared.closing:
+                return False
+            self._drop_canceled()
+            self._admit()
+            return True
+
+    def _runnable(self) -> bool:
+        """Whether a step could run: tracks in the loop, or admissible ones waiting."""
+        shared = self._shared
+        admissible = any(w.ran or not shared.draining for w in shared.waiting.values())
+        return bool(self.loop.tracks or admissible)
+
+    def _drop_canceled(self) -> None:
+        """Canceled jobs leave the loop and the waiting line."""
+        shared = self._shared
+        for job_id in list(shared.canceled):
+            left = self.loop.leave(job_id)  # running or parked
+            waited = shared.waiting.pop(job_id, None)  # waiting (parked ones wait too)
+            if left or waited:
+                self._post("canceled", job_id)
+
+    def _admit(self) -> None:
+        """Join and park as `admission.admit` says."""
+        shared = self._shared
+        waiting = {i: w for i, w in shared.waiting.items() if w.ran or not shared.draining}
+        running = [self._seat(t, since) for t, since in self._running()]
+        seats = [self._seat(w.track, w.arrived) for w in waiting.values()]
+        plan = admit(seats, running, self._budget(seats, running), preempt=self.settings.preempt)
+        now = time.monotonic()
+        for job_id in plan.park:
+            track = self.loop.park(job_id)
+            shared.waiting[job_id] = _Waiting(track, self._arrived[job_id], ran=True)
+        for job_id in plan.admit:
+            item = shared.waiting.pop(job_id)
+            self._arrived[job_id] = item.arrived
+            self._admitted[job_id] = now
+            self.loop.join(item.track)
+
+    def _running(self) -> list[tuple[Track, float]]:
+        """Running tracks with when they were admitted."""
+        return [(t, self._admitted.get(t.job_id, 0.0)) for t in self.loop.tracks.values()]
+
+    def _seat(self, track: Track, since: float) -> Seat:
+        """A track as admission sees it."""
+        key = track.key
+        return Seat(track.job_id, key, track.job.priority, since, track.rows, key.pixels)
+
+    def _budget(self, waiting: list[Seat], running: list[Seat]) -> Budget:
+        """The settings' caps, with each key's adaptive call cap."""
+        s = self.settings
+        pixels = s.max_pixels if s.max_pixels is not None else 2**62
+        if not s.adaptive:
+            return Budget(s.max_rows, pixels)
+        keys: set[Any] = {seat.key for seat in [*waiting, *running]}
+        caps = {
+            key: row_budget(self.times.table(key.pixels), s.min_rows, s.max_rows) for key in keys
+        }
+        return Budget(s.max_rows, pixels, caps)
+
+    def _after(self, step: Step) -> None:
+        """Progress and failures to the events thread, then finished tracks to the finisher."""
+        with self._cond:
+            reports = [StepReport(t.job_id, t.index, t.total, t.job.steps) for t in step.advanced]
+            if reports:
+                self._post("progress", reports)
+            for track, error in step.failed:
+                self._post("failed", track.job_id, error)
+            for track in [*step.finished, *(t for t, _ in step.failed)]:
+                self._admitted.pop(track.job_id, None)
+                self._arrived.pop(track.job_id, None)
+            self._count(step, time.perf_counter() - self._woke)
+        for track in step.finished:
+            self._finished.put(track)
+
+    def _count(self, step: Step, busy_s: float) -> None:
+        """Fold a step into the figures and the adaptive budget's step times."""
+        self.stats.steps += 1
+        self.stats.rows += step.rows
+        self.stats.busy_s += busy_s
+        for rows, pixels, seconds in self.loop.stopwatch.laps():
+            self.stats.add_lap(rows, seconds)
+            self.times.add(pixels, rows, seconds)
+
+    # --- finisher thread ----------------------------------------------------------------------
+
+    def _finish_loop(self) -> None:
+        """Decode finished tracks, one job at a time (a failing decode fails its job alone)."""
+        with torch.inference_mode():
+            while (track := self._finished.get()) is not None:
+                if self._is_canceled(track.job_id):
+                    self._post_locked("canceled", track.job_id)
+                    continue
+                try:
+                    images = self.family.decode(track.latents, track.generators)
+                except Exception as e:
+                    log.warning("job %s could not be decoded: %s", track.job_id, e)
+                    self._post_locked("failed", track.job_id, e)
+                    continue
+                kind = "canceled" if self._is_canceled(track.job_id) else "done"
+                self._post_locked(kind, track.job_id, images)
+
+    def _is_canceled(self, job_id: str) -> bool:
+        with self._cond:
+            return job_id in self._shared.canceled
+
+    # --- events thread ------------------------------------------------------------------------
+
+    def _post(self, kind: str, *args: Any) -> None:
+        """Queue an event for the listener (caller holds `_cond`)."""
+        self._events.put((kind, args))
+
+    def _post_locked(self, kind: str, *args: Any) -> None:
+        with self._cond:
+            self._post(kind, *args)
+
+    def _event_loop(self) -> None:
+        """Call the listener, merging queued progress into one call per burst."""
+        while (first := self._events.get()) is not None:
+            burst = [first]
+            while True:
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    break
+                if event is None:
+                    self._events.put(None)
+                    break
+                burst.append(event)
+            self._deliver(burst)
+
+    def _deliver(self, burst: list[tuple[str, Any]]) -> None:
+        """Deliver a burst in order; progress is merged up to the next other event."""
+        latest: dict[str, StepReport] = {}
+        for kind, args in burst:
+            if kind == "progress":
+                latest.update({r.job_id: r for r in args[0]})
+                continue
+            self._progress(latest)
+            self._end(kind, args)
+        self._progress(latest)
+
+    def _progress(self, latest: dict[str, StepReport]) -> None:
+        if latest:
+            self._call("progress", self.listener.on_progress, list(latest.values()))
+            latest.clear()
+
+    def _end(self, kind: str, args: Any) -> None:
+        """Report a job's end, then forget it."""
+        job_id = args[0]
+        if kind == "done":
+            self._call(job_id, self.listener.on_done, job_id, args[1])
+        elif kind == "failed":
+            self._call(job_id, self.listener.on_failed, job_id, args[1])
+        else:
+            self._call(job_id, self.listener.on_canceled, job_id)
+        with self._cond:
+            self._shared.open.discard(job_id)
+            self._shared.canceled.discard(job_id)
+            self._cond.notify_all()
+
+    def _call(self, what: str, fn: Any, *args: Any) -> None:
+        """A listener call; what it raises is logged, and the engine goes on."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("the step engine's listener raised for %s", what)
