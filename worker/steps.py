@@ -149,13 +149,15 @@ class StepEngine:
         settings: Settings | None = None,
         adapters: Adapters | None = None,
         stopwatch: Stopwatch | None = None,
+        denoiser: Any = None,
     ) -> None:
+        """`denoiser`: what to call in place of `pipe.unet` (a compiled one, say)."""
         self.family = family_of(pipe)
         self.model, self.listener = model, listener
         self.settings = settings or Settings()
         self.adapters = adapters
         self.intake = Intake(self.family, model, adapters)
-        self.loop = Loop(pipe.unet, adapters, stopwatch)
+        self.loop = Loop(denoiser or pipe.unet, adapters, stopwatch)
         self.stats = LoopStats()
         self.times = StepTimes()
         self._cond = threading.Condition()
