@@ -33,7 +33,7 @@ from worker.inference import Engine, Row
 from worker.intake import Intake
 from worker.loop import Loop, stopwatch_for
 from worker.models import load_pipeline, set_cpu_threads
-from worker.steps import Settings, StepEngine, StepReport
+from worker.steps import LoopSettings, StepEngine, StepReport
 from worker.tracks import StepJob
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _pipeline_once(pipe: Any, jobs: list[StepJob]) -> tuple[float, list[Image]]:
 def _engine_once(pipe: Any, jobs: list[StepJob]) -> tuple[float, list[Image]]:
     """The step engine, every job submitted at once, until the last one's images are made."""
     collector = _Collector(len(jobs))
-    settings = Settings(max_rows=2 * len(jobs), adaptive=False)
+    settings = LoopSettings(max_rows=2 * len(jobs), adaptive=False)
     engine = StepEngine(pipe, collector, model="bench", settings=settings).start()
     try:
         began = time.perf_counter()

@@ -237,3 +237,18 @@ def test_jobs_the_family_cannot_run_are_refused(tiny: Any, tiny_xl: Any) -> None
     with pytest.raises(StepUnsupported):
         family_of(object())
     assert isinstance(tiny, StableDiffusionPipeline)
+
+
+def test_tiny_xl_is_sdxl_shaped_and_loads_like_tiny(tiny_xl: Any, model_cache: Path) -> None:
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+        StableDiffusionXLPipeline,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    assert isinstance(tiny_xl, StableDiffusionXLPipeline)
+    assert type(tiny_xl.text_encoder) is CLIPTextModel
+    assert type(tiny_xl.text_encoder_2) is CLIPTextModelWithProjection
+    assert tiny_xl.unet.config.addition_embed_type == "text_time"
+    assert tiny_xl.config.force_zeros_for_empty_prompt
+    index = (model_cache / "tiny-xl" / "model_index.json").read_text()
+    assert '"StableDiffusionXLPipeline"' in index

@@ -25,7 +25,7 @@ from tests.steps_parts import (
 from worker.admission import Priority
 from worker.families import StepUnsupported
 from worker.models import load_pipeline
-from worker.steps import Settings, StepEngine
+from worker.steps import LoopSettings, StepEngine
 from worker.tracks import StepJob
 
 
@@ -70,7 +70,7 @@ def engine_for(
 ) -> StepEngine:
     """A started engine with `options` split between its settings and its parts."""
     parts = {k: options.pop(k) for k in ("stopwatch", "denoiser") if k in options}
-    engine = StepEngine(pipe, listener, model="tiny", settings=Settings(**options), **parts)
+    engine = StepEngine(pipe, listener, model="tiny", settings=LoopSettings(**options), **parts)
     engines.append(engine.start())
     return engine
 
@@ -239,6 +239,7 @@ def test_the_loop_reports_where_its_time_went(
     assert 0 < stats.denoise_s < stats.busy_s
     assert stats.outside_share is not None
     assert 0 < stats.outside_share < 1
+    assert stats.last_step_at is not None
 
 
 def test_the_adaptive_row_budget_starts_small_and_grows_with_measurements(

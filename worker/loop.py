@@ -83,9 +83,14 @@ class CudaStopwatch:
 
     def laps(self) -> list[tuple[int, int, float]]:
         """The laps whose end the GPU has reached (never waits for one)."""
-        done = [p for p in self._pending if p[3].query()]
-        self._pending = [p for p in self._pending if not p[3].query()]
-        return [(rows, px, start.elapsed_time(end) / 1000) for rows, px, start, end in done]
+        laps, pending = [], []
+        for rows, px, start, end in self._pending:
+            if end.query():
+                laps.append((rows, px, start.elapsed_time(end) / 1000))
+            else:
+                pending.append((rows, px, start, end))
+        self._pending = pending
+        return laps
 
 
 def _event() -> Any:
@@ -94,6 +99,14 @@ def _event() -> Any:
     event = make(enable_timing=True)
     event.record()
     return event
+
+
+def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """A float32 vector on `device`; from pinned memory on CUDA, so the copy does not wait."""
+    host = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def stopwatch_for(device: torch.device) -> Stopwatch:
@@ -125,7 +138,7 @@ class Loop:
         self.parked: dict[str, Track] = {}
         self._turn = 0
         self._loras: LoraSet | None = None  # the UNet's active adapters, once set
-        self._conds: dict[LoopKey, tuple[tuple[str, ...], Conditioning]] = {}  # last call's, by key
+        self._conds: dict[LoopKey, tuple[tuple[Track, ...], Conditioning]] = {}  # last, by key
 
     def join(self, track: Track) -> None:
         """Run `track` from the next step on (a parked one resumes where it stopped)."""
@@ -214,7 +227,8 @@ class Loop:
         """One denoiser call over the rows of `ready`, split back per track."""
         tracks = [t for t, _ in ready]
         sample = torch.cat([x for _, x in ready])
-        timesteps = torch.cat([t.timestep_rows() for t in tracks])
+        rows = [value for t in tracks for value in t.timestep_rows()]
+        timesteps = _to_device(rows, sample.device)
         cond = self._conditioning(tracks, key)
         self.stopwatch.begin()
         noise = self.unet(sample, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
@@ -223,10 +237,10 @@ class Loop:
 
     def _conditioning(self, tracks: list[Track], key: LoopKey) -> Conditioning:
         """The call's conditioning rows, rebuilt only when the key's tracks change."""
-        ids = tuple(t.job_id for t in tracks)
+        members = tuple(tracks)  # compared by identity: a job id may come back as a new track
         cached = self._conds.get(key)
-        if cached is None or cached[0] != ids:
-            cached = self._conds[key] = (ids, Conditioning.cat([t.cond for t in tracks]))
+        if cached is None or cached[0] != members:
+            cached = self._conds[key] = (members, Conditioning.cat([t.cond for t in tracks]))
             for gone in self._conds.keys() - set(self.keys()):
                 del self._conds[gone]
         return cached[1]

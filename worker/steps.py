@@ -68,7 +68,7 @@ class Listener(Protocol):
 
 
 @dataclass(frozen=True)
-class Settings:
+class LoopSettings:
     """How much the loop may hold at once."""
 
     max_rows: int = 16  # denoiser rows of all running jobs (two per guided image)
@@ -90,6 +90,7 @@ class LoopStats:
     )
     denoise_s: float = 0.0  # of which the denoiser calls took (GPU time on a GPU)
     by_rows: dict[int, tuple[int, float]] = field(default_factory=dict)  # rows: (calls, seconds)
+    last_step_at: float | None = None  # time.monotonic() at the end of the last step: liveness
 
     @property
     def outside_share(self) -> float | None:
@@ -104,7 +105,9 @@ class LoopStats:
 
     def copy(self) -> LoopStats:
         """A snapshot."""
-        return LoopStats(self.steps, self.rows, self.busy_s, self.denoise_s, dict(self.by_rows))
+        return LoopStats(
+            self.steps, self.rows, self.busy_s, self.denoise_s, dict(self.by_rows), self.last_step_at
+        )
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ class StepEngine:
         listener: Listener,
         *,
         model: str = "model",
-        settings: Settings | None = None,
+        settings: LoopSettings | None = None,
         adapters: Adapters | None = None,
         stopwatch: Stopwatch | None = None,
         denoiser: Any = None,
@@ -154,7 +157,7 @@ class StepEngine:
         """`denoiser`: what to call in place of `pipe.unet` (a compiled one, say)."""
         self.family = family_of(pipe)
         self.model, self.listener = model, listener
-        self.settings = settings or Settings()
+        self.settings = settings or LoopSettings()
         self.adapters = adapters
         self.intake = Intake(self.family, model, adapters)
         self.loop = Loop(denoiser or pipe.unet, adapters, stopwatch)
@@ -397,6 +400,7 @@ class StepEngine:
         self.stats.steps += 1
         self.stats.rows += step.rows
         self.stats.busy_s += busy_s
+        self.stats.last_step_at = time.monotonic()
         for rows, pixels, seconds in self.loop.stopwatch.laps():
             self.stats.add_lap(rows, seconds)
             self.times.add(pixels, rows, seconds)

@@ -108,6 +108,8 @@ class Track:
         self.generators, self.guided, self.inpainting = generators, guided, inpainting
         self.extra = step_kwargs(scheduler, generators)
         self.index = 0  # timesteps done
+        # A host copy, so that a call's timestep rows are one small copy, not kernels per job.
+        self.host_timesteps: list[float] = timesteps.to("cpu", torch.float32).tolist()
 
     @property
     def job_id(self) -> str:
@@ -138,9 +140,9 @@ class Track:
             rows = torch.cat([rows, paint.mask, paint.masked_latents], dim=1)
         return rows
 
-    def timestep_rows(self) -> torch.Tensor:
-        """This step's timestep, once per row (float: jobs of integer and float schedules mix)."""
-        return self.timesteps[self.index].to(torch.float32).reshape(1).expand(self.rows)
+    def timestep_rows(self) -> list[float]:
+        """This step's timestep, once per row (as floats: integer and float schedules mix)."""
+        return [self.host_timesteps[self.index]] * self.rows
 
     def advance(self, noise: torch.Tensor) -> None:
         """Guidance with this job's scale, then its scheduler's step: one timestep done."""
