@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -105,9 +105,7 @@ class LoopStats:
 
     def copy(self) -> LoopStats:
         """A snapshot."""
-        return LoopStats(
-            self.steps, self.rows, self.busy_s, self.denoise_s, dict(self.by_rows), self.last_step_at
-        )
+        return replace(self, by_rows=dict(self.by_rows))
 
 
 @dataclass(frozen=True)
