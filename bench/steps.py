@@ -33,7 +33,8 @@ from worker.inference import Engine, Row
 from worker.intake import Intake
 from worker.loop import Loop, stopwatch_for
 from worker.models import load_pipeline, set_cpu_threads
-from worker.steps import LoopSettings, StepEngine, StepReport
+from worker.reports import StepReport
+from worker.steps import LoopSettings, StepEngine
 from worker.tracks import StepJob
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from PIL.Image import Image
 from worker.families import family_of
 from worker.intake import Intake
 from worker.loop import HostStopwatch, Loop, Step
+from worker.reports import StepReport
 from worker.schedulers import make_scheduler
-from worker.steps import StepReport
 from worker.tracks import StepJob
 
 # The spec: a job's image within one level (of 255) of mean absolute difference from its reference.

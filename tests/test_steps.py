@@ -27,7 +27,7 @@ from tests.steps_parts import (
 )
 from worker.families import StepUnsupported, family_of
 from worker.models import load_pipeline
-from worker.steps import StepReport
+from worker.reports import StepReport
 from worker.tracks import LoraSet, Starter, StepJob
 
 SCHEDULERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "pndm"]

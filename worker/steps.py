@@ -6,8 +6,8 @@ Four threads, each owning its part:
 - loop: at each step boundary drops canceled jobs, admits waiting ones (`admission.admit`), then
   runs one `Loop.step()`; nothing else runs on it, so CPU work never stalls the denoiser;
 - finisher: decodes each finished job's latents to images;
-- events: calls the listener, in order (progress, done, failed, canceled), so that ledger writes
-  and uploads never run on the loop.
+- reporter: calls the listener, in order (`worker.reports`), so that ledger writes and uploads
+  never run on the loop.
 State shared between them sits behind one condition, `_cond`; see `_Shared`.
 """
 
@@ -17,54 +17,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from PIL.Image import Image
 
 from worker.admission import Budget, Seat, StepTimes, admit, row_budget
 from worker.families import StepUnsupported, family_of
 from worker.intake import Intake
 from worker.loop import Adapters, Loop, Step, Stopwatch
+from worker.reports import Listener, Reporter, StepReport
 from worker.tracks import StepJob, Track
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """A job's progress after a step."""
-
-    job_id: str
-    done: int  # timesteps done
-    total: int  # timesteps in its schedule
-    steps: int  # the steps the request asked for
-
-    @property
-    def step(self) -> int:
-        """Progress in the request's steps (PNDM's warm-up and img2img's strength scaled away)."""
-        return self.done * self.steps // self.total
-
-
-class Listener(Protocol):
-    """What the engine tells its owner; called from one engine thread, in order, never the loop's.
-
-    Each call should be quick: hand slow work (uploads) to threads of your own.
-    """
-
-    def on_progress(self, reports: Sequence[StepReport]) -> None:
-        """Jobs advanced (the latest report of each job since the last call)."""
-
-    def on_done(self, job_id: str, images: list[Image]) -> None:
-        """A job finished; its images, one per seed."""
-
-    def on_failed(self, job_id: str, error: Exception) -> None:
-        """A job failed alone (its encoding, start, denoiser rows or decode raised)."""
-
-    def on_canceled(self, job_id: str) -> None:
-        """A canceled job left: it made no images and will not be reported again."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +129,7 @@ class StepEngine:
         self._cond = threading.Condition()
         self._shared = _Shared()
         self._finished: queue.SimpleQueue[Track | None] = queue.SimpleQueue()
-        self._events: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        self.reporter = Reporter(listener, self._ended)
         self._threads: list[threading.Thread] = []
         # The loop thread's own: when each running job arrived and was admitted.
         self._arrived: dict[str, float] = {}
@@ -179,7 +144,7 @@ class StepEngine:
             (self._intake_loop, "intake"),
             (self._step_loop, "loop"),
             (self._finish_loop, "finisher"),
-            (self._event_loop, "events"),
+            (self.reporter.run, "reporter"),
         ):
             thread = threading.Thread(target=target, name=f"dq-steps-{name}", daemon=True)
             thread.start()
@@ -237,7 +202,7 @@ class StepEngine:
         for thread in self._threads:
             thread.join(timeout)
             if thread.name == "dq-steps-finisher":
-                self._events.put(None)
+                self.reporter.stop()
 
     def open_jobs(self) -> int:
         """Jobs taken and not yet reported as ended (waiting, running or decoding)."""
@@ -280,7 +245,7 @@ class StepEngine:
             del shared.inbox[: len(batch)]
             for job, _ in batch:
                 if job.job_id in shared.canceled:
-                    self._post("canceled", job.job_id)
+                    self.reporter.end("canceled", job.job_id)
             batch = [(job, at) for job, at in batch if job.job_id not in shared.canceled]
             shared.starting = len(batch)
             return batch
@@ -292,9 +257,9 @@ class StepEngine:
             for job, arrived in batch:
                 outcome = started[job.job_id]
                 if isinstance(outcome, Exception):
-                    self._post("failed", job.job_id, outcome)
+                    self.reporter.end("failed", job.job_id, outcome)
                 elif job.job_id in shared.canceled:
-                    self._post("canceled", job.job_id)
+                    self.reporter.end("canceled", job.job_id)
                 else:
                     shared.waiting[job.job_id] = _Waiting(outcome, arrived)
             shared.starting = 0
@@ -338,7 +303,7 @@ class StepEngine:
             left = self.loop.leave(job_id)  # running or parked
             waited = shared.waiting.pop(job_id, None)  # waiting (parked ones wait too)
             if left or waited:
-                self._post("canceled", job_id)
+                self.reporter.end("canceled", job_id)
 
     def _admit(self) -> None:
         """Join and park as `admission.admit` says."""
@@ -383,9 +348,9 @@ class StepEngine:
         with self._cond:
             reports = [StepReport(t.job_id, t.index, t.total, t.job.steps) for t in step.advanced]
             if reports:
-                self._post("progress", reports)
+                self.reporter.progress(reports)
             for track, error in step.failed:
-                self._post("failed", track.job_id, error)
+                self.reporter.end("failed", track.job_id, error)
             for track in [*step.finished, *(t for t, _ in step.failed)]:
                 self._admitted.pop(track.job_id, None)
                 self._arrived.pop(track.job_id, None)
@@ -410,79 +375,24 @@ class StepEngine:
         with torch.inference_mode():
             while (track := self._finished.get()) is not None:
                 if self._is_canceled(track.job_id):
-                    self._post_locked("canceled", track.job_id)
+                    self.reporter.end("canceled", track.job_id)
                     continue
                 try:
                     images = self.family.decode(track.latents, track.generators)
                 except Exception as e:
                     log.warning("job %s could not be decoded: %s", track.job_id, e)
-                    self._post_locked("failed", track.job_id, e)
+                    self.reporter.end("failed", track.job_id, e)
                     continue
                 kind = "canceled" if self._is_canceled(track.job_id) else "done"
-                self._post_locked(kind, track.job_id, images)
+                self.reporter.end(kind, track.job_id, images)
 
     def _is_canceled(self, job_id: str) -> bool:
         with self._cond:
             return job_id in self._shared.canceled
 
-    # --- events thread ------------------------------------------------------------------------
-
-    def _post(self, kind: str, *args: Any) -> None:
-        """Queue an event for the listener (caller holds `_cond`)."""
-        self._events.put((kind, args))
-
-    def _post_locked(self, kind: str, *args: Any) -> None:
-        with self._cond:
-            self._post(kind, *args)
-
-    def _event_loop(self) -> None:
-        """Call the listener, merging queued progress into one call per burst."""
-        while (first := self._events.get()) is not None:
-            burst = [first]
-            while True:
-                try:
-                    event = self._events.get_nowait()
-                except queue.Empty:
-                    break
-                if event is None:
-                    self._events.put(None)
-                    break
-                burst.append(event)
-            self._deliver(burst)
-
-    def _deliver(self, burst: list[tuple[str, Any]]) -> None:
-        """Deliver a burst in order; progress is merged up to the next other event."""
-        latest: dict[str, StepReport] = {}
-        for kind, args in burst:
-            if kind == "progress":
-                latest.update({r.job_id: r for r in args[0]})
-                continue
-            self._progress(latest)
-            self._end(kind, args)
-        self._progress(latest)
-
-    def _progress(self, latest: dict[str, StepReport]) -> None:
-        if latest:
-            self._call("progress", self.listener.on_progress, list(latest.values()))
-            latest.clear()
-
-    def _end(self, kind: str, args: Any) -> None:
-        """Report a job's end, then forget it."""
-        job_id = args[0]
-        if kind == "done":
-            self._call(job_id, self.listener.on_done, job_id, args[1])
-        elif kind == "failed":
-            self._call(job_id, self.listener.on_failed, job_id, args[1])
-        else:
-            self._call(job_id, self.listener.on_canceled, job_id)
+    def _ended(self, job_id: str) -> None:
+        """The reporter delivered a job's end: forget the job."""
         with self._cond:
             self._shared.open.discard(job_id)
             self._shared.canceled.discard(job_id)
             self._cond.notify_all()
-
-    def _call(self, what: str, fn: Any, *args: Any) -> None:
-        """A listener call; what it raises is logged, and the engine goes on."""
-        try:
-            fn(*args)
-        except Exception:
-            log.exception("the step engine's listener raised for %s", what)
