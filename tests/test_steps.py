@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
+from core.errors import ValidationFailed
 from tests.steps_parts import (
     PARITY,
     distances,
@@ -236,6 +237,8 @@ def test_jobs_the_family_cannot_run_are_refused(tiny: Any, tiny_xl: Any) -> None
         Starter(family_of(tiny), "m").check(job("x", mask=right_half_mask()))
     with pytest.raises(StepUnsupported):
         family_of(object())
+    with pytest.raises(ValidationFailed):  # int(4 * 0.2) == 0 steps to run
+        Starter(family_of(tiny), "m").check(job("x", image=init_image(), strength=0.2))
     assert isinstance(tiny, StableDiffusionPipeline)
 
 

@@ -46,13 +46,11 @@ class LoopSettings:
 
 @dataclass
 class LoopStats:
-    """Where the loop's busy time went (loop thread only; read a copy)."""
+    """Where the loop's busy time went (written by the loop thread under the engine's lock)."""
 
     steps: int = 0
     rows: int = 0  # denoiser rows over all steps
-    busy_s: float = (
-        0.0  # loop-thread time in steps, from admission to hand-off; idle waits excluded
-    )
+    busy_s: float = 0.0  # the loop thread's time from admission to hand-off, idle waits excluded
     denoise_s: float = 0.0  # of which the denoiser calls took (GPU time on a GPU)
     by_rows: dict[int, tuple[int, float]] = field(default_factory=dict)  # rows: (calls, seconds)
     last_step_at: float | None = None  # time.monotonic() at the end of the last step: liveness
@@ -152,7 +150,7 @@ class StepEngine:
         return self
 
     def submit(self, job: StepJob) -> None:
-        """Take a job; StepUnsupported (at once) when this engine cannot run it."""
+        """Take a job; StepUnsupported or ValidationFailed (at once) when it cannot run here."""
         self.intake.check(job)
         if job.loras and self.adapters is None:
             raise StepUnsupported("this step engine has no LoRA support: run the job in batches")

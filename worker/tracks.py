@@ -24,6 +24,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 from diffusers.utils.torch_utils import randn_tensor
 from PIL.Image import Image
 
+from core.errors import ValidationFailed
 from worker.admission import Priority
 from worker.families import Conditioning, Family, StableDiffusionXL, StepUnsupported
 from worker.schedulers import Scheduler, make_scheduler, step_kwargs
@@ -191,6 +192,19 @@ class Starter:
             raise StepUnsupported(f"{type(self.family.pipe).__name__} takes no image in steps")
         if job.mask is not None and job.image is None:
             raise StepUnsupported("an inpainting job needs an image as well as a mask")
+        if job.image is not None and int(job.steps * self._strength(job)) < 1:
+            raise ValidationFailed(
+                f"strength {self._strength(job)} of {job.steps} steps leaves no step to run: "
+                "raise the strength or the steps",
+                field="strength",
+            )
+
+    @staticmethod
+    def _strength(job: StepJob) -> float:
+        """The job's strength, or its pipeline's default: 0.8 for img2img, 1.0 for inpainting."""
+        if job.strength is not None:
+            return job.strength
+        return 0.8 if job.mask is None else 1.0
 
     @torch.inference_mode()
     def start(self, job: StepJob, cond: Conditioning) -> Track:
@@ -233,10 +247,9 @@ class Starter:
         """img2img: the schedule's tail from the strength's step, the image noised to its level."""
         view = self.img2img
         view.scheduler = scheduler
-        strength = 0.8 if job.strength is None else job.strength
+        strength = self._strength(job)
         retrieve_timesteps(scheduler, job.steps, self.device)
         timesteps, _ = view.get_timesteps(job.steps, strength, self.device)
-        _check_steps(timesteps, strength)
         first = timesteps[:1].repeat(job.num_images)
         image = view.image_processor.preprocess(job.image, height=job.height, width=job.width)
         latents = view.prepare_latents(
@@ -250,10 +263,9 @@ class Starter:
         """Inpainting: as img2img, plus the mask and the masked image the loop keeps using."""
         view, n, size = self.inpaint, job.num_images, (job.height, job.width)
         view.scheduler = scheduler
-        strength = 1.0 if job.strength is None else job.strength
+        strength = self._strength(job)
         retrieve_timesteps(scheduler, job.steps, self.device)
         timesteps, _ = view.get_timesteps(job.steps, strength, self.device)
-        _check_steps(timesteps, strength)
         image = view.image_processor.preprocess(job.image, *size, resize_mode="default")
         image = image.to(dtype=torch.float32)
         four = view.unet.config.in_channels == 4
@@ -269,14 +281,6 @@ class Starter:
         )
         paint = Inpainting(mask, masked, rest[0] if four else None, noise, channels=not four)
         return timesteps, latents, paint
-
-
-def _check_steps(timesteps: torch.Tensor, strength: float) -> None:
-    """An image job whose strength leaves no step to run is refused, as the pipelines refuse it."""
-    if len(timesteps) < 1:
-        raise StepUnsupported(
-            f"strength {strength} leaves no denoising step: raise it or the steps"
-        )
 
 
 def _view(cls: Any, pipe: Any) -> Any:
