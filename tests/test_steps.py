@@ -17,11 +17,14 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import Stabl
 
 from core.errors import ValidationFailed
 from tests.steps_parts import (
+    LATENT_PARITY,
     PARITY,
+    Run,
     distances,
     init_image,
     pixel_distance,
     reference,
+    reference_run,
     right_half_mask,
     run_loop,
     sharing,
@@ -62,11 +65,14 @@ def job(job_id: str, **fields: Any) -> StepJob:
     })  # fmt: skip
 
 
-def assert_parity(pipe: Any, jobs: list[StepJob], made: dict[str, list[Any]]) -> list[float]:
-    """Every job's images within PARITY of its reference; the distances."""
+def assert_parity(pipe: Any, jobs: list[StepJob], run: Run) -> list[float]:
+    """Every job's images within PARITY of its reference, its latents within LATENT_PARITY."""
     found = []
     for j in jobs:
-        found += distances(made[j.job_id], reference(pipe, j))
+        wanted = reference_run(pipe, j)
+        found += distances(run.images[j.job_id], wanted.images)
+        gap = (run.latents[j.job_id] - wanted.latents).abs().max().item()
+        assert gap <= LATENT_PARITY, (j.job_id, gap)
     assert max(found) <= PARITY, found
     return found
 
@@ -85,7 +91,7 @@ def test_jobs_joining_a_running_loop_match_their_runs_alone(tiny: Any, scheduler
         total - 1: [job("late", steps=5, guidance_scale=1.0, seed=14, scheduler=scheduler)],
     }  # fmt: skip
     run = run_loop(tiny, jobs)
-    assert_parity(tiny, [j for group in jobs.values() for j in group], run.images)
+    assert_parity(tiny, [j for group in jobs.values() for j in group], run)
     assert sharing(run) >= 3  # different steps, scales and schedulers in one call
 
 
@@ -118,7 +124,7 @@ def test_img2img_and_inpainting_rows_enter_at_their_strength(tiny: Any) -> None:
         ],
     }  # fmt: skip
     run = run_loop(tiny, jobs)
-    assert_parity(tiny, [j for group in jobs.values() for j in group], run.images)
+    assert_parity(tiny, [j for group in jobs.values() for j in group], run)
     # img2img at strength 0.6 of 8 steps runs the last 4 of them: 4 calls from step 2 to 5.
     calls = [i for i, s in enumerate(run.steps) if any(t.job_id == "img2img" for t in s.advanced)]
     assert calls == [2, 3, 4, 5]
@@ -134,14 +140,14 @@ def test_sdxl_rows_match_the_sdxl_pipeline(tiny_xl: Any, scheduler: str) -> None
                 scheduler=scheduler)],
     }  # fmt: skip
     run = run_loop(tiny_xl, jobs)
-    assert_parity(tiny_xl, [j for group in jobs.values() for j in group], run.images)
+    assert_parity(tiny_xl, [j for group in jobs.values() for j in group], run)
     assert sharing(run) == 3
 
 
 def test_sizes_take_turns_and_never_share_a_call(tiny: Any) -> None:
     jobs = [job("square", steps=4, seed=41), job("wide", steps=3, width=80, seed=42)]
     run = run_loop(tiny, {0: jobs})
-    assert_parity(tiny, jobs, run.images)
+    assert_parity(tiny, jobs, run)
     for step in run.steps:
         assert step.key is not None
         assert {t.key for t in step.advanced} == {step.key}
@@ -255,3 +261,30 @@ def test_tiny_xl_is_sdxl_shaped_and_loads_like_tiny(tiny_xl: Any, model_cache: P
     assert tiny_xl.config.force_zeros_for_empty_prompt
     index = (model_cache / "tiny-xl" / "model_index.json").read_text()
     assert '"StableDiffusionXLPipeline"' in index
+
+
+def test_a_parked_job_resumes_exactly_where_it_stopped(tiny: Any) -> None:
+    from worker.intake import Intake
+    from worker.loop import Loop
+
+    family = family_of(tiny)
+    slow = job("slow", steps=6, scheduler="dpmpp_2m", seed=71)  # multistep: history must survive
+    urgent = job("urgent", steps=3, scheduler="euler_a", seed=72)
+    started = Intake(family, "m").start([slow, urgent])
+    loop = Loop(tiny.unet)
+    loop.join(started["slow"])  # type: ignore[arg-type]
+    run = Run({}, {}, [])
+    for index in range(12):
+        if index == 2:
+            loop.park("slow")
+            loop.join(started["urgent"])  # type: ignore[arg-type]
+        if index == 5:
+            loop.join(loop.parked["slow"])
+        step = loop.step()
+        run.steps.append(step)
+        for track in step.finished:
+            run.images[track.job_id] = family.decode(track.latents, track.generators)
+            run.latents[track.job_id] = track.latents
+    assert [len(s.advanced) for s in run.steps[:6]] == [1, 1, 1, 1, 1, 1]  # parked: urgent alone
+    assert set(run.images) == {"slow", "urgent"}
+    assert_parity(tiny, [slow, urgent], run)
