@@ -97,6 +97,7 @@ def test_jobs_submitted_while_others_run_join_and_match(
         assert max(distances(recorder.done[j.job_id], reference(tiny, j))) <= PARITY
     assert recorder.done_steps("first") == list(range(1, 9))
     assert max(rows for rows in engine.snapshot().by_rows) >= 2 + 4  # they shared calls
+    assert max(r.call_rows for r in recorder.reports if r.job_id == "first") >= 2 + 4
     assert engine.open_jobs() == 0
     # Each job's last progress comes before its images.
     for j in ["first", "second", "third"]:

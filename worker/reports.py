@@ -27,6 +27,7 @@ class StepReport:
     done: int  # timesteps done
     total: int  # timesteps in its schedule
     steps: int  # the steps the request asked for
+    call_rows: int = 0  # denoiser rows in the call that did this step (the batch it shared)
 
     @property
     def step(self) -> int:

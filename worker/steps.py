@@ -344,7 +344,10 @@ class StepEngine:
     def _after(self, step: Step) -> None:
         """Progress and failures to the events thread, then finished tracks to the finisher."""
         with self._cond:
-            reports = [StepReport(t.job_id, t.index, t.total, t.job.steps) for t in step.advanced]
+            reports = [
+                StepReport(t.job_id, t.index, t.total, t.job.steps, step.rows)
+                for t in step.advanced
+            ]
             if reports:
                 self.reporter.progress(reports)
             for track, error in step.failed:
