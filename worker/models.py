@@ -316,6 +316,79 @@ def _save_random_pipeline(
     pipe.save_pretrained(path)
 
 
+def build_tiny_xl(path: Path) -> None:
+    """Write a tiny SDXL-shaped pipeline (two text encoders, size conditioning) to `path`."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+        StableDiffusionXLPipeline,
+    )
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = _char_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=PROMPT_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        projection_dim=32,
+    )
+    with _SEEDED, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet, vae = _tiny_xl_unet(), _tiny_xl_vae()
+        text_encoder, text_encoder_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        # SDXL's own schedule: Euler over "leading" timesteps.
+        scheduler=EulerDiscreteScheduler.from_config(
+            _scheduler().config, timestep_spacing="leading"
+        ),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+
+
+def _tiny_xl_unet() -> UNet2DConditionModel:
+    """SDXL's UNet at toy scale: it reads both encoders' hidden states side by side (32 + 32) and
+    adds the second's pooled projection (32) to six size and crop ids of 8 features each."""
+    unet: UNet2DConditionModel = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+    )
+    return unet
+
+
+def _tiny_xl_vae() -> AutoencoderKL:
+    """The tiny model's VAE shape: 4 latent channels, each side halved once."""
+    vae: AutoencoderKL = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        sample_size=64,
+    )
+    return vae
+
+
 # The models a tiny LoRA can be made for.
 _LORA_BASES: dict[str, Callable[[CLIPTokenizer], Models]] = {
     "tiny": _tiny_models,
@@ -324,6 +397,7 @@ _LORA_BASES: dict[str, Callable[[CLIPTokenizer], Models]] = {
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny": build_tiny,
+    "tiny-xl": build_tiny_xl,
     "sd15-random": build_sd15_random,
     "tiny-sd2": build_tiny_sd2,
 }
@@ -347,10 +421,11 @@ def _from_pretrained(model: str, cache_dir: Path, dtype: torch.dtype) -> Diffusi
         load: Callable[..., DiffusionPipeline] = AutoPipelineForText2Image.from_pretrained
         with _SEEDED:
             return load(model, torch_dtype=dtype, **_without_safety_checker(model))
-    path = _ensure_built(cache_dir / model, build)
+    # The pipeline class is the one the build saved (SD or SDXL), as for any local path.
+    path = str(_ensure_built(cache_dir / model, build))
     with _SEEDED:
-        return StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        return DiffusionPipeline.from_pretrained(
+            path, torch_dtype=dtype, **_without_safety_checker(path)
         )
 
 
