@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from email.utils import formatdate
 from typing import Any
@@ -32,6 +34,7 @@ from dq_client.models import Job, QueueInfo, QueueStatus
 from dq_client.retry import RetryPolicy
 from dq_client.stream import EventDecoder, JobEvents, ServerEvent
 from dq_client.webhooks import verify_webhook
+from tests.conftest import ROOT
 
 
 def api_error(status: int, headers: dict[str, str] | None = None) -> APIError:
@@ -292,3 +295,16 @@ def test_verify_webhook_refuses(case: str, message: str) -> None:
     key = new_secret() if case == "other secret" else secret
     with pytest.raises(WebhookVerificationError, match=message):
         verify_webhook(key, sent, headers)
+
+
+def test_the_client_never_imports_the_server() -> None:
+    code = (
+        "import sys, dq_client, dq_client.cli\n"
+        "server = {m for m in sys.modules if m.split('.')[0] in "
+        "('api', 'core', 'worker', 'scaler', 'bench')}\n"
+        "print(sorted(server))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT / "client", capture_output=True, text=True
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr

@@ -95,7 +95,7 @@ class AsyncClient:
                 pause = retrying.delay_s(e, resend=True)
                 if pause is None:
                     raise
-                log.debug("event stream of %s broke (%s); again in %.1f s", stream.job_id, e, pause)
+                log.info("event stream of %s broke (%s); again in %.1f s", stream.job_id, e, pause)
                 await asyncio.sleep(pause)
 
     async def run(
@@ -187,7 +187,7 @@ class AsyncClient:
                     if isinstance(e, APIError):
                         e.attempts = retrying.attempts
                     raise
-                log.debug("%s %s failed (%s); again in %.1f s", call.method, call.path, e, pause)
+                log.info("%s %s failed (%s); again in %.1f s", call.method, call.path, e, pause)
                 await asyncio.sleep(pause)
 
     async def _once(self, call: Call, http: httpx.AsyncClient) -> httpx.Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import mimetypes
 import queue
 import sys
@@ -15,8 +16,12 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.live import Live
+try:
+    from rich.console import Console
+    from rich.live import Live
+except ImportError as e:  # the SDK was installed without the command line's extra
+    print("the command line needs rich: pip install 'diffusion-queue-client[cli]'", file=sys.stderr)
+    raise SystemExit(2) from e  # as for bad input: nothing was sent
 
 from dq_client import display
 from dq_client.client import Client
@@ -156,6 +161,8 @@ class Terminal:
     def __init__(self, as_json: bool) -> None:
         self.json = as_json
         self.out = Console()
+        if not self.out.is_terminal:  # piped: no terminal width to respect, keep rows whole
+            self.out = Console(width=200)
         self.err = Console(stderr=True)
 
     def emit(self, data: Any) -> None:
@@ -173,6 +180,21 @@ class Terminal:
             self.emit({"error": body})
         else:
             self.err.print(f"[red]dq:[/] {error}", highlight=False)
+
+
+class RetryNotice(logging.Handler):
+    """Says once on stderr that the server is being retried, so a wait is not a mystery."""
+
+    def __init__(self, console: Console, budget_s: float) -> None:
+        super().__init__(logging.INFO)
+        self.console, self.budget_s, self.told = console, budget_s, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.told:
+            self.told = True
+            what = record.getMessage().split("; again in")[0]
+            note = f"{what}; retrying for up to {self.budget_s:g} s (--retry-for)"
+            self.console.print(f"[yellow]dq:[/] {note}", highlight=False)
 
 
 def follow(client: Client, job: Job, term: Terminal, timeout: float | None) -> Job:
@@ -260,6 +282,8 @@ def show(client: Client, args: argparse.Namespace, term: Terminal) -> int:
         term.emit(job.raw)
     else:
         term.out.print(display.job_details(job))
+        for output in job.outputs:  # whole, however narrow the terminal: to be copied
+            term.out.print(output.url, soft_wrap=True, highlight=False)
     return Exit.OK
 
 
@@ -318,6 +342,13 @@ def parser(prog: str = "dq") -> argparse.ArgumentParser:
     common.add_argument("--url", help="the server (default: $DQ_URL, else http://127.0.0.1:8000)")
     common.add_argument("--key", help="the API key (default: $DQ_API_KEY)")
     common.add_argument("--json", action="store_true", help="print JSON on stdout, for scripts")
+    common.add_argument(
+        "--retry-for",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="keep retrying an unreachable or busy server this long (default 60)",
+    )
     text: dict[str, Any] = {
         "epilog": EXIT_HELP,
         "formatter_class": argparse.RawDescriptionHelpFormatter,
@@ -375,7 +406,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser(name).parse_args(argv)
     term = Terminal(args.json)
     # `dq top` redraws every second or so: a server that stays away is shown, not waited on.
-    retry = RetryPolicy(give_up_after_s=2) if args.command == "top" else None
+    budget = min(args.retry_for, 2.0) if args.command == "top" else args.retry_for
+    retry = RetryPolicy(give_up_after_s=budget)
+    logger = logging.getLogger("dq_client")
+    notice = RetryNotice(term.err, budget)
+    if not args.json and args.command != "top":
+        logger.setLevel(logging.INFO)
+        logger.addHandler(notice)
     try:
         with Client(args.url, args.key, retry=retry) as client:
             return COMMANDS[args.command](client, args, term)
@@ -385,3 +422,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         term.err.print("interrupted")
         return Exit.INTERRUPTED
+    finally:
+        logger.removeHandler(notice)

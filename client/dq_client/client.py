@@ -106,7 +106,7 @@ class Client:
                 pause = retrying.delay_s(e, resend=True)
                 if pause is None:
                     raise
-                log.debug("event stream of %s broke (%s); again in %.1f s", stream.job_id, e, pause)
+                log.info("event stream of %s broke (%s); again in %.1f s", stream.job_id, e, pause)
                 time.sleep(pause)
 
     def run(
@@ -197,7 +197,7 @@ class Client:
                     if isinstance(e, APIError):
                         e.attempts = retrying.attempts
                     raise
-                log.debug("%s %s failed (%s); again in %.1f s", call.method, call.path, e, pause)
+                log.info("%s %s failed (%s); again in %.1f s", call.method, call.path, e, pause)
                 time.sleep(pause)
 
     def _once(self, call: Call, http: httpx.Client) -> httpx.Response:

@@ -118,11 +118,11 @@ class ProgressView:
             self.progress.update(self.task, description=job.status, note="")
 
 
-def job_details(job: Job) -> RenderableType:
-    """Everything about one job, as key/value rows."""
+def job_details(job: Job) -> Table:
+    """Everything about one job, as key/value rows (its image URLs, too long, go below)."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(overflow="fold")
     req = job.request
     rows: list[tuple[str, Any]] = [
         ("id", job.id),
@@ -150,7 +150,7 @@ def job_details(job: Job) -> RenderableType:
         m = job.metrics
         rows.append(("queued / ran", f"{seconds(m.queue_s)} / {seconds(m.run_s)}"))
         rows.append(("batch size, attempts", f"{cell(m.batch_size)}, {m.attempts}"))
-    rows.extend((f"image {i}", f"{o.url}  (seed {o.seed})") for i, o in enumerate(job.outputs))
+    rows.extend((f"image {i}", f"seed {o.seed}") for i, o in enumerate(job.outputs))
     for name, value in rows:
         if value is not None:
             grid.add_row(name, value if isinstance(value, Text) else str(value))
@@ -158,20 +158,23 @@ def job_details(job: Job) -> RenderableType:
 
 
 def jobs_table(jobs: Iterable[Job]) -> Table:
-    """Jobs, one per row."""
+    """Jobs, one per row; only the prompt is shortened to fit."""
     table = Table(box=None, header_style="bold")
-    for column in ("id", "status", "created", "size", "steps", "n", "prompt"):
-        table.add_column(column, no_wrap=column != "prompt", overflow="ellipsis")
+    for column in ("id", "status", "created", "size", "steps", "n"):
+        table.add_column(column, no_wrap=True)
+    # Wrappable as a column, so a narrow terminal shrinks it first; one line as a cell.
+    table.add_column("prompt", min_width=10, max_width=60)
     for job in jobs:
         req = job.request
+        table.columns[0].min_width = max(table.columns[0].min_width or 0, len(job.id))
         table.add_row(
             job.id,
             status_text(job.status),
-            when(job.created_at),
+            "—" if job.created_at is None else job.created_at.astimezone().strftime("%m-%d %H:%M"),
             f"{req.width}x{req.height}",
             str(req.steps),
             str(req.num_images),
-            req.prompt,
+            Text(req.prompt, no_wrap=True, overflow="ellipsis"),
         )
     return table
 
@@ -188,7 +191,7 @@ def _mapping(name: str, data: dict[str, Any]) -> Table:
             table.add_row(key, *(cell(value.get(c)) for c in columns))
         return table
     table.add_column("")
-    table.add_column("", justify="right")
+    table.add_column("")
     table.show_header = False
     for key, value in data.items():
         table.add_row(label(key), cell(value))
