@@ -125,7 +125,13 @@ def test_submit_wait_get_list_and_cancel(client: Client) -> None:
     assert job.request.seed is not None
     done = client.wait(job, timeout=60)
     assert (done.id, done.status, len(done.outputs)) == (job.id, "succeeded", 1)
-    assert client.get(job.id) == done
+    again = client.get(job.id)  # the same job, its URLs minted afresh
+    assert (again.id, again.status, again.request, again.metrics) == (
+        done.id,
+        done.status,
+        done.request,
+        done.metrics,
+    )
     with pytest.raises(Conflict) as ended:
         client.cancel(job)
     assert (ended.value.status, ended.value.code) == (409, "already_finished")
@@ -311,9 +317,12 @@ def test_queue_and_models(client: Client) -> None:
     assert all(m.name for m in models)
 
 
-def test_the_async_client_is_a_twin(dq: DqUp, tmp_path: Path) -> None:
+def test_the_async_client_is_a_twin(dq: DqUp, proxy: Proxy, tmp_path: Path) -> None:
+    proxy.cut(b"POST /v1/jobs ")  # the first submit's answer is lost
+    proxy.cut(b"/events", after=b"data: ")  # the first stream is cut after one event
+
     async def scenario() -> dict[str, Any]:
-        async with AsyncClient(dq.url, KEY) as client:
+        async with AsyncClient(proxy.url, KEY) as client:
             images = await client.run("async squares", num_images=2, **TINY)
             job = await client.submit("async stream", **{**TINY, "steps": 20})
             statuses = [j.status async for j in client.events(job)]
@@ -338,6 +347,7 @@ def test_the_async_client_is_a_twin(dq: DqUp, tmp_path: Path) -> None:
             }
 
     result = asyncio.run(scenario())
+    assert (proxy.seen(b"POST /v1/jobs "), proxy.seen(b"/events")) == (4, 2)
     job_file = result["files"][0]
     assert result == {
         "images": [(0, 64), (1, 64)],

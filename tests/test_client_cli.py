@@ -14,7 +14,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +63,14 @@ def dq_cli(
 
 
 def in_terminal(
-    argv: list[str], env: dict[str, str], stop_when: str | None = None, timeout: float = 120
+    argv: list[str],
+    env: dict[str, str],
+    react: tuple[str, Callable[[subprocess.Popen[bytes]], None]] | None = None,
+    timeout: float = 120,
 ) -> tuple[int, str]:
     """Run `argv` on a pseudo-terminal of 120 columns; its exit code and all it drew.
 
-    With `stop_when`, Ctrl-C is sent once that text has been drawn.
+    With `react` (text, action), the action is taken once the text has been drawn.
     """
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
@@ -87,9 +90,9 @@ def in_terminal(
                 if not chunk:
                     break
                 drawn += chunk
-                if stop_when and stop_when.encode() in ANSI.sub("", drawn.decode()).encode():
-                    os.killpg(proc.pid, signal.SIGINT)
-                    stop_when = None
+                if react and react[0] in ANSI.sub("", drawn.decode(errors="replace")):
+                    react[1](proc)
+                    react = None
             elif proc.poll() is not None:
                 break
         return proc.wait(30), ANSI.sub("", drawn.decode(errors="replace"))
@@ -119,12 +122,15 @@ def test_submit_wait_shows_increasing_steps_in_a_terminal(dq: DqUp, tmp_path: Pa
 def test_a_queued_job_shows_its_place_in_the_queue(
     dq: DqUp, client: Client, tmp_path: Path
 ) -> None:
-    client.submit("ahead", **{**TINY, "steps": 40})  # another bucket: "behind" waits for it
+    ahead = client.submit("ahead", **{**TINY, "steps": 150})  # "behind" waits for it
     argv = [sys.executable, "-m", "core.cli", "submit", "behind", "--size", "64x64"]
     argv += ["--steps", "2", "--out", str(tmp_path), "--url", dq.url, "--key", KEY]
-    code, drawn = in_terminal(argv, clean_env(TERM="xterm-256color"))
+    code, drawn = in_terminal(
+        argv, clean_env(TERM="xterm-256color"), ("position", lambda _: client.cancel(ahead))
+    )
     assert code == 0, drawn
     assert re.search(r"queued .*position \d+", drawn), drawn
+    assert "succeeded" in drawn
 
 
 def test_json_output_parses(dq: DqUp, client: Client, tmp_path: Path) -> None:
@@ -222,7 +228,8 @@ def test_help_documents_the_exit_codes() -> None:
 def test_dq_top_redraws_until_ctrl_c(dq: DqUp) -> None:
     argv = [sys.executable, "-m", "core.cli", "top", "--interval", "0.2"]
     argv += ["--url", dq.url, "--key", KEY]
-    code, drawn = in_terminal(argv, clean_env(TERM="xterm-256color"), stop_when="desired")
+    ctrl_c = ("desired", lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    code, drawn = in_terminal(argv, clean_env(TERM="xterm-256color"), ctrl_c)
     assert code == 130
     assert "scaler's last decision" in drawn
     assert "interrupted" in drawn

@@ -17,7 +17,7 @@ import httpx
 from dq_client import calls
 from dq_client.calls import Call, Config
 from dq_client.errors import APIError, Conflict, ConnectionFailed, DQError, WaitTimeout
-from dq_client.images import EXPIRED, Image, finished, image_of
+from dq_client.images import EXPIRED, Image, finished, image_of, with_urls
 from dq_client.models import Job, JobStatus, Model, Page, QueueStatus
 from dq_client.retry import Retrying, RetryPolicy
 from dq_client.stream import JobEvents
@@ -106,8 +106,7 @@ class AsyncClient:
 
     async def images(self, job: Job | str) -> builtins.list[Image]:
         """A succeeded job's images, in memory."""
-        usable = isinstance(job, Job) and job.succeeded and job.outputs
-        current = finished(job if usable and isinstance(job, Job) else await self.get(job))
+        current = finished(with_urls(job) or await self.get(job))
         return [await self._image(current, i) for i in range(len(current.outputs))]
 
     async def download(self, job: Job | str, folder: str | os.PathLike[str]) -> builtins.list[Path]:
@@ -120,13 +119,13 @@ class AsyncClient:
     ) -> AsyncIterator[Job]:
         """Your jobs, newest first, page after page (at most `limit` of them)."""
         cursor, count = None, 0
-        while True:
+        while limit is None or count < limit:
             size = page_size if limit is None else min(page_size, limit - count)
             page = Page.from_dict(await self._json(calls.page(status, size, cursor)))
             for job in page.jobs:
                 yield job
                 count += 1
-            if page.next_cursor is None or (limit is not None and count >= limit):
+            if page.next_cursor is None:
                 return
             cursor = page.next_cursor
 

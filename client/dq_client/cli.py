@@ -175,8 +175,10 @@ class Terminal:
             body: dict[str, Any] = {"message": error.message, "code": "client_error"}
             if isinstance(error, APIError):
                 body |= {"code": error.code, "field": error.field, "status": error.status}
-            if isinstance(error, JobFailed | WaitTimeout):
+            if isinstance(error, JobFailed):
                 body |= {"code": f"job_{error.job.status}", "job": error.job.raw}
+            if isinstance(error, WaitTimeout):
+                body |= {"code": "timeout", "job": error.job.raw}
             self.emit({"error": body})
         else:
             self.err.print(f"[red]dq:[/] {error}", highlight=False)

@@ -22,7 +22,7 @@ from dq_client.errors import (
     DQError,
     WaitTimeout,
 )
-from dq_client.images import EXPIRED, Image, finished, image_of
+from dq_client.images import EXPIRED, Image, finished, image_of, with_urls
 from dq_client.models import Job, JobStatus, Model, Page, QueueStatus
 from dq_client.retry import Retrying, RetryPolicy
 from dq_client.stream import JobEvents
@@ -117,8 +117,7 @@ class Client:
 
     def images(self, job: Job | str) -> builtins.list[Image]:
         """A succeeded job's images, in memory."""
-        usable = isinstance(job, Job) and job.succeeded and job.outputs
-        current = finished(job if usable and isinstance(job, Job) else self.get(job))
+        current = finished(with_urls(job) or self.get(job))
         return [self._image(current, i) for i in range(len(current.outputs))]
 
     def download(self, job: Job | str, folder: str | os.PathLike[str]) -> builtins.list[Path]:
@@ -130,13 +129,13 @@ class Client:
     ) -> Iterator[Job]:
         """Your jobs, newest first, page after page (at most `limit` of them)."""
         cursor, count = None, 0
-        while True:
+        while limit is None or count < limit:
             size = page_size if limit is None else min(page_size, limit - count)
             page = Page.from_dict(self._json(calls.page(status, size, cursor)))
             for job in page.jobs:
                 yield job
                 count += 1
-            if page.next_cursor is None or (limit is not None and count >= limit):
+            if page.next_cursor is None:
                 return
             cursor = page.next_cursor
 

@@ -27,6 +27,11 @@ def finished(job: Job) -> Job:
     raise JobFailed(job) if job.terminal else JobNotFinished(job)
 
 
+def with_urls(job: Job | str) -> Job | None:
+    """The job if it already carries its images' URLs (no need to read it again)."""
+    return job if isinstance(job, Job) and job.succeeded and job.outputs else None
+
+
 def extension(job: Job, output: Output) -> str:
     """The file extension of an output: its URL's, else the requested format's."""
     suffix = Path(urlsplit(output.url).path).suffix.lstrip(".")
