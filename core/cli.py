@@ -23,6 +23,16 @@ PROGRAMS = {
     "bench": ("bench", "the benchmarks (dq bench --help)"),
 }
 
+# Client subcommands: `dq NAME args…` runs the client package's command line (client/).
+CLIENT = {
+    "submit": "submit a job (--wait: show progress and write the images)",
+    "jobs": "your jobs, newest first",
+    "show": "one job in full",
+    "cancel": "cancel a job",
+    "get": "write a job's images",
+    "top": "a live view of the queue, workers and scaler",
+}
+
 CHECKS = [
     ["ruff", "check", "."],
     ["ruff", "format", "--check", "."],
@@ -34,7 +44,9 @@ CHECKS = [
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(
-        prog="dq", description="diffusion-queue: text-to-image jobs at scale"
+        prog="dq",
+        description="diffusion-queue: text-to-image jobs at scale",
+        epilog="dq submit --help (and jobs, show, cancel, get, top): options and exit codes",
     )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("up", help="run everything on this machine (Ctrl-C stops it)")
@@ -43,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--min-workers", type=int, default=1, help="workers kept running")
     run.add_argument("--max-workers", type=int, default=1, help="workers the scaler may add")
     for name, (_, text) in PROGRAMS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    for name, text in CLIENT.items():
         sub.add_parser(name, help=text, add_help=False)
     test = sub.add_parser("test", help="lint, format check, types and the whole test suite")
     test.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
@@ -61,9 +75,24 @@ def check(extra: list[str]) -> int:
     return 0
 
 
+def client(argv: list[str]) -> int:
+    """A client subcommand, run by the client package (which never imports the server)."""
+    try:
+        from dq_client.cli import main as client_main
+    except ImportError:
+        print(
+            "dq: the client commands need the client: pip install -e './client[cli]'",
+            file=sys.stderr,
+        )
+        return 2
+    return client_main(argv, prog="dq")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `dq`."""
     args, rest = parser().parse_known_args(argv)
+    if args.command in CLIENT:
+        return client([args.command, *rest])
     if args.command in PROGRAMS:
         target = PROGRAMS[args.command][0]
         os.execv(sys.executable, [sys.executable, "-m", target, *rest])
