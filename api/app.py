@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import docs, errors, page, routes
+from api import catalog, docs, errors, page, routes, uploads
 from api.metrics import instrument
 from api.middleware import Gate
 from api.resources import build
@@ -56,6 +56,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     errors.install(app)
     app.include_router(routes.router)
+    app.include_router(catalog.router)
+    app.include_router(uploads.router)
     app.include_router(page.router)
     docs.install(app)
     instrument(app)

@@ -111,13 +111,21 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body("validation_error", message, field=name, details=details), 422)
 
 
-def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-    log.warning("Redis unavailable: %.200s", exc)
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+def redis_down() -> JSONResponse:
+    """The 503 for a request that needed Redis while it was unreachable."""
     return JSONResponse(
         body("unavailable", "the job store is unavailable; retry shortly"),
         503,
         headers={"Retry-After": "5"},
     )
+
+
+def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("Redis unavailable: %.200s", exc)
+    return redis_down()
 
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:

@@ -8,6 +8,8 @@ read; the caller is left in the scope for `api.deps.CallerDep`.
 
 from __future__ import annotations
 
+import logging
+
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,11 +17,15 @@ from api import errors
 from api.deps import CALLER, authenticate
 from api.errors import Throttled, TooLarge
 from api.lockout import Lockout
+from api.reads import ReadLimiter
 from core.errors import ServiceError, Unauthorized
 from core.settings import Settings
 
-GUARDED = "/v1/"  # every route under it needs a key, except the signed file URLs
+log = logging.getLogger(__name__)
+
+GUARDED = "/v1/"  # every route under it needs a key, except the signed file and upload URLs
 UNGUARDED = "/v1/files/"
+UPLOADS = "/v1/uploads/"  # PUT there is a signed upload URL: no key, its own body limit
 
 # Sent on every response. Pages set their own Content-Security-Policy (see api/page.py).
 SECURITY_HEADERS = [
@@ -45,7 +51,9 @@ class Gate:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.limit = settings.max_body_bytes
+        self.upload_limit = settings.input_max_bytes
         self.lockout = Lockout(settings.auth_failures, settings.auth_failure_window_s)
+        self.reads = ReadLimiter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one request through the checks."""
@@ -58,11 +66,17 @@ class Gate:
             if refusal is not None:
                 await errors.response_for(refusal)(scope, receive, reply.send)
                 return
-            await self.app(scope, Body(receive, self.limit).receive, reply.send)
+            limit = self.upload_limit if _signed_upload(scope) else self.limit
+            await self.app(scope, Body(receive, limit).receive, reply.send)
         except BodyTooLarge as e:
             if reply.started:
                 raise
             await errors.response_for(TooLarge(str(e.detail)))(scope, receive, reply.send)
+        except errors.REDIS_DOWN as e:  # while authenticating or limiting, before any route
+            if reply.started:
+                raise
+            log.warning("Redis unavailable: %.200s", e)
+            await errors.redis_down()(scope, receive, reply.send)
         except Exception as e:
             if reply.started:
                 raise
@@ -78,12 +92,14 @@ class Gate:
             elif name == b"content-length":
                 length = value
         path: str = scope["path"]
-        if path.startswith(GUARDED) and not path.startswith(UNGUARDED):
+        upload = _signed_upload(scope)
+        if path.startswith(GUARDED) and not path.startswith(UNGUARDED) and not upload:
             refusal = await self._authenticate(scope, authorization)
             if refusal is not None:
                 return refusal
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return TooLarge(f"the body must be at most {self.limit} bytes")
+        limit = self.upload_limit if upload else self.limit
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return TooLarge(f"the body must be at most {limit} bytes")
         return None
 
     async def _authenticate(self, scope: Scope, authorization: str | None) -> ServiceError | None:
@@ -99,7 +115,13 @@ class Gate:
             self.lockout.fail(peer)
             return Unauthorized("send a valid key as 'Authorization: Bearer <key>'")
         scope.setdefault("state", {})[CALLER] = caller
+        if scope.get("method") in ("GET", "HEAD"):
+            return await self.reads.refusal(caller)
         return None
+
+
+def _signed_upload(scope: Scope) -> bool:
+    return scope.get("method") == "PUT" and str(scope["path"]).startswith(UPLOADS)
 
 
 class Body:

@@ -22,6 +22,7 @@ from api import views
 from api.deps import Caller, CallerDep, ResourcesDep
 from api.resources import Resources
 from core import heartbeats, keys
+from core.choice import check_request
 from core.deliveries import read_log
 from core.errors import (
     Conflict,
@@ -39,6 +40,7 @@ from core.jobs import (
     JobCreate,
     JobRequest,
     JobStatus,
+    LoraRef,
     Metrics,
     Output,
     QueueInfo,
@@ -90,8 +92,9 @@ async def render(res: Resources, record: JobRecord, place: Place | None, http: R
     """A record as the client sees it, with queue position and fresh URLs."""
     queue = None
     if record.status is JobStatus.QUEUED and place is not None:
-        units_per_s = await res.throughput.units()
-        queue = views.queue_info(place.jobs_ahead, place.units_ahead + record.units, units_per_s)
+        pool = await res.throughput.pool(record.model)
+        to_done = place.units_ahead + record.units
+        queue = views.queue_info(place.jobs_ahead, to_done, pool.units_per_s, pool, record.model)
     outputs: list[Output] = []
     if record.outputs:
         # Local file links start with DQ_PUBLIC_URL (relative without it), never with the
@@ -102,11 +105,10 @@ async def render(res: Resources, record: JobRecord, place: Place | None, http: R
     return views.public_job(record, queue=queue, outputs=outputs, deliveries=deliveries)
 
 
-def fingerprint(request: JobRequest) -> str:
-    """What makes two submissions 'the same' for Idempotency-Key."""
-    body = request.model_dump(mode="json")
-    if body.get("webhook", 0) is None:
-        del body["webhook"]  # fingerprints of submissions without a webhook stay as they were
+def fingerprint(request: JobCreate) -> str:
+    """What makes two submissions 'the same' for Idempotency-Key: the body as sent (fields left
+    at their defaults left out, so a field added later does not change it)."""
+    body = request.model_dump(mode="json", exclude_defaults=True)
     canonical = json.dumps(body, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -160,7 +162,7 @@ async def submit(
     """Submit a job; answers 202 with the queued job at once."""
     res, tenant = caller.res, caller.tenant
     limits = await res.keys.limits(tenant)
-    asked = admissible(request.job_request(), limits, res)
+    asked = admissible(resolved(res, request), limits)
     await checked_webhook(res, tenant, request.webhook)
     seeded = asked if asked.seed is not None else asked.seeded(secrets.randbelow(MAX_SEED))
     record = JobRecord(
@@ -170,7 +172,7 @@ async def submit(
         attempt=0,
         created_at=time.time(),
         request=seeded,
-        model=seeded.model or res.model,
+        model=seeded.model or res.catalog.default,
         priority=seeded.priority,
         units=seeded.units,
         metrics=Metrics(),
@@ -205,22 +207,26 @@ async def accepted(res: Resources, record: JobRecord, place: Place | None, http:
         return views.public_job(record, queue=queue, outputs=[])
 
 
-def admissible(asked: JobRequest, limits: TenantLimits, res: Resources) -> JobRequest:
-    """The request as it will run, or a 422 naming the field or limit that refuses it."""
-    if asked.model is not None and asked.model != res.model:
-        raise ValidationFailed(
-            f"no model {asked.model!r} here: use {res.model!r} (GET /v1/models lists them)",
-            field="model",
-            code="unknown_model",
-        )
-    pixels = asked.width * asked.height
-    if pixels > res.settings.max_batch_pixels:
-        raise ValidationFailed(
-            f"width x height is {pixels} pixels; this deployment runs at most "
-            f"{res.settings.max_batch_pixels} per image",
-            field="width",
-            code="too_large",
-        )
+def resolved(res: Resources, request: JobCreate) -> JobRequest:
+    """The request as it will run: its model's defaults filled in, checked against the catalog
+    (model, task, inputs, LoRAs, size, steps), or a 422 naming the field to fix."""
+    checked = check_request(res.catalog, request)
+    spec = checked.spec
+    guidance = request.guidance_scale
+    return request.job_request(
+        model=spec.name,
+        task=checked.task,
+        width=checked.width,
+        height=checked.height,
+        steps=checked.steps,
+        guidance_scale=spec.defaults.guidance_scale if guidance is None else guidance,
+        strength=checked.strength,
+        loras=[LoraRef(name=name, scale=scale) for name, scale in checked.loras],
+    )
+
+
+def admissible(asked: JobRequest, limits: TenantLimits) -> JobRequest:
+    """The request as the tenant's key may have it run, or a 422 naming the limit."""
     if limits.max_job_units and asked.units > limits.max_job_units:
         raise ValidationFailed(
             f"the job is {asked.units:.2f} work units; your key may submit at most "

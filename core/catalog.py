@@ -181,13 +181,30 @@ class Catalog:
         return spec
 
 
+def _slug(name: str) -> str:
+    """A model's name as jobs, queues and keys know it (a Hub id's '/' becomes '-')."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")[:63]
+    return slug or "default"
+
+
+def worker_model(settings: Settings, catalog: Catalog) -> str:
+    """The model this worker serves: DQ_WORKER_MODEL, else the catalog's default."""
+    name = settings.worker_model or catalog.default
+    if name not in catalog.models:
+        raise ConfigError(
+            f"DQ_WORKER_MODEL={name!r} is not in the catalog:"
+            f" use one of {', '.join(catalog.models)}"
+        )
+    return name
+
+
 def single_model(settings: Settings) -> ModelSpec:
     """`DQ_MODEL` as a catalog of one, with the deployment's settings as its limits."""
     source = settings.model
     folder = _local_folder(source, Path.cwd())
     family = _family_of(source, folder) or "other"
     # A local folder is named after itself, so a server path never shows in the public listing.
-    name = folder.name if folder is not None else source
+    name = _slug(folder.name if folder is not None else source)
     return ModelSpec(
         name=name,
         source=str(folder) if folder is not None else source,

@@ -70,6 +70,9 @@ def new_job_id() -> str:
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 Priority = Literal["high", "normal", "low"]
+Task = Literal["txt2img", "img2img", "inpaint"]
+Scheduler = Literal["default", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm"]
+MAX_INPUT_REF = 1_048_576  # an image or mask reference: a URL, upload id, or data: URI
 MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 FreeForm = TypeVar("FreeForm")
 
@@ -98,17 +101,22 @@ def bounded(name: str, value: FreeForm, *, max_depth: int, max_bytes: int) -> Fr
     return value
 
 
-class JobRequest(BaseModel):
-    """What a client asks for; unknown fields are rejected."""
+class LoraRef(BaseModel):
+    """A LoRA from GET /v1/models, applied at `scale`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    scale: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class RequestFields(BaseModel):
+    """What every request names, whether the model's defaults are filled in yet or not."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str = Field(min_length=1, max_length=2000)
     negative_prompt: str | None = Field(None, max_length=2000)
-    width: int = Field(512, ge=64, le=2048, multiple_of=8)
-    height: int = Field(512, ge=64, le=2048, multiple_of=8)
-    steps: int = Field(25, ge=1, le=150)
-    guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_images: int = Field(1, ge=1, le=4)
     output_format: OutputFormat = "png"
@@ -118,6 +126,26 @@ class JobRequest(BaseModel):
     )
     model: str | None = Field(
         None, pattern=MODEL_NAME, description="a model of GET /v1/models; default: the first"
+    )
+    task: Task = Field("txt2img", description="img2img and inpaint take `image` (and `mask`)")
+    loras: list[LoraRef] = Field(default_factory=list, max_length=4)
+    image: str | None = Field(
+        None,
+        max_length=MAX_INPUT_REF,
+        description="an https URL, a data: URI, or upload:<id> from POST /v1/uploads",
+    )
+    mask: str | None = Field(
+        None, max_length=MAX_INPUT_REF, description="inpaint: white where to paint"
+    )
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, description="img2img/inpaint: how much of the input to redo"
+    )
+    scheduler: Scheduler = Field("default", description="the model's own, or one by name")
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        le=7 * 86_400,
+        description="fail the job (deadline_exceeded) unless it finished this long after submit",
     )
 
     @field_validator("prompt")
@@ -133,6 +161,15 @@ class JobRequest(BaseModel):
         depth, size = MAX_FREE_FORM_DEPTH, MAX_METADATA_BYTES
         return bounded("metadata", value, max_depth=depth, max_bytes=size)
 
+
+class JobRequest(RequestFields):
+    """A request as stored and returned: every value it runs with (the model's defaults in)."""
+
+    width: int = Field(512, ge=64, le=4096, multiple_of=8)
+    height: int = Field(512, ge=64, le=4096, multiple_of=8)
+    steps: int = Field(25, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+
     def seeded(self, seed: int) -> JobRequest:
         """This request with its seed fixed, as stored and returned."""
         return self.model_copy(update={"seed": seed})
@@ -145,16 +182,25 @@ class JobRequest(BaseModel):
         return work / UNIT_WORK
 
 
-class JobCreate(JobRequest):
-    """The body of a submission: the request, plus an optional webhook kept out of `request`."""
+class JobCreate(RequestFields):
+    """The body of a submission: the request (sizes, steps and guidance default to the model's),
+    plus an optional webhook kept out of `request`."""
 
+    width: int | None = Field(None, ge=64, le=4096, multiple_of=8, description="model's default")
+    height: int | None = Field(None, ge=64, le=4096, multiple_of=8, description="model's default")
+    steps: int | None = Field(None, ge=1, le=150, description="model's default")
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="model's default")
     webhook: WebhookSpec | None = None
 
-    def job_request(self) -> JobRequest:
-        """The request as stored and returned, without the webhook."""
+    def job_request(self, **resolved: Any) -> JobRequest:
+        """The request as stored and returned: without the webhook, the model's values filled in."""
         # Already validated as a JobCreate: construct without validating every field again.
-        fields = {name: getattr(self, name) for name in JobRequest.model_fields}
-        return JobRequest.model_construct(**fields)
+        fields = {name: getattr(self, name) for name in RequestFields.model_fields}
+        for name in ("width", "height", "steps", "guidance_scale"):
+            value = resolved.get(name, getattr(self, name))
+            if value is not None:
+                fields[name] = value
+        return JobRequest.model_construct(**{**fields, **resolved})
 
 
 class Progress(BaseModel):
@@ -169,6 +215,7 @@ class QueueInfo(BaseModel):
 
     position: int
     eta_s: float | None
+    waiting_for: str | None = None  # set while the job's model has no worker serving
 
 
 class StoredImage(BaseModel):
@@ -238,11 +285,24 @@ class Bucket:
     task: str = "txt2img"  # txt2img, img2img or inpaint: each is its own pipeline call
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale), sorted by name
     strength: float | None = None  # img2img and inpaint only
+    scheduler: str = "default"  # the batch engine runs one scheduler per call
 
     @classmethod
-    def of(cls, request: JobRequest) -> Bucket:
+    def of(cls, request: JobRequest, model: str = "") -> Bucket:
         """The bucket a request belongs to."""
-        return cls(request.width, request.height, request.steps, request.guidance_scale)
+        width, height = request.width, request.height
+        loras = tuple(sorted((lora.name, lora.scale) for lora in request.loras))
+        return cls(
+            width,
+            height,
+            request.steps,
+            request.guidance_scale,
+            model,
+            request.task,
+            loras,
+            request.strength,
+            request.scheduler,
+        )
 
     @property
     def pixels(self) -> int:

@@ -17,6 +17,7 @@ MODELS = f"{PREFIX}:models"  # set of the model names jobs were ever queued for
 PAUSED = f"{PREFIX}:paused"  # hash model ('*': all) -> when an admin paused its dispatch
 SEQ = f"{PREFIX}:seq"  # counter: each dispatch's message tag
 EXPIRING = f"{PREFIX}:expiring"  # zset job_id -> when its record and images expire
+UPLOADS = f"{PREFIX}:uploads"  # zset "<tenant> <upload id>" -> when an unused upload expires
 DEADLINES = f"{PREFIX}:deadlines"  # zset job_id -> when a job not yet started must fail
 SCALER_LOCK = f"{PREFIX}:scaler:lock"  # one scaler at a time
 SWEEP_LOCK = f"{PREFIX}:sweep:lock"  # one recovery sweep at a time, whoever runs it

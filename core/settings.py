@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.callbacks import DEFAULT_SCHEDULE
 from core.errors import ConfigError
-from core.jobs import MODEL_NAME
 from core.signing import InvalidSecret, parse_secret
 
 DAY_S = 86_400
@@ -44,6 +43,8 @@ class Settings(BaseSettings):
 
     # The model.
     model: str = "tiny"
+    worker_model: str | None = Field(None, description="the catalog model a worker serves")
+    upload_ttl_s: int = Field(3600, ge=60, description="how long an unused upload is kept")
     model_cache: Path = Path.home() / ".cache" / "diffusion-queue" / "models"
     device: str | None = None
     dtype: str | None = None
@@ -274,12 +275,6 @@ class Settings(BaseSettings):
                 raise ValueError("DQ_WEBHOOK_SECRETS must look like tenant:whsec_…,tenant2:whsec_…")
             pairs.append((tenant, secret))
         return pairs
-
-    @property
-    def model_name(self) -> str:
-        """The name jobs and queues know the configured model by."""
-        name = self.model.strip().lower()
-        return name if re.fullmatch(MODEL_NAME, name) else "default"
 
     def require_redis(self) -> str:
         """The Redis URL, or a clear error naming the variable to set."""

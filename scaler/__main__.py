@@ -10,6 +10,7 @@ import sys
 from typing import TypeVar
 
 from core import connections
+from core.catalog import Catalog
 from core.errors import ConfigError
 from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings, load_settings
@@ -82,7 +83,7 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[ControlLoop, Sc
     policy = policy_of(settings, args)
     backend = backend_of(args.backend or settings.scaler_backend, settings)
     reading = Reading(
-        settings.model_name,
+        Catalog.from_settings(settings).default,
         settings.heartbeat_s * 3,
         settings.loop_stale_s,
         settings.scaler_low_priority_scales,

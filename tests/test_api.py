@@ -70,7 +70,9 @@ def test_submit_answers_202_with_the_job_and_a_chosen_seed(client: httpx.Client)
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued"
     assert 0 <= job["request"]["seed"] < 2**32
-    assert job["queue"] == {"position": 1, "eta_s": None}
+    # No worker runs in this test: the job says it waits for one of its model to start.
+    waiting = "waiting for a worker of model tiny to start"
+    assert job["queue"] == {"position": 1, "eta_s": None, "waiting_for": waiting}
     assert client.get(f"/v1/jobs/{job['id']}").json()["request"] == job["request"]
 
 

@@ -189,7 +189,9 @@ def test_dq_model_alone_as_a_hub_id_serves_text_to_image() -> None:
     catalog = Catalog.from_settings(Settings(model="someone/some-model"))
 
     spec = catalog.get(None)
-    assert (spec.name, spec.family, spec.tasks) == ("someone/some-model", "other", ("txt2img",))
+    # Named as jobs, queues and Redis keys can carry it: the Hub id's '/' becomes '-'.
+    expected = ("someone-some-model", "someone/some-model", "other", ("txt2img",))
+    assert (spec.name, spec.source, spec.family, spec.tasks) == expected
 
 
 @pytest.mark.parametrize(("build", "family"), [(build_tiny, "sd1"), (build_tiny_sd2, "sd2")])
@@ -547,7 +549,7 @@ def test_a_model_of_another_family_takes_no_loras(lora_dir: Path) -> None:
 
     assert (raised.value.field, raised.value.message) == (
         "loras",
-        "model someone/some-model takes no LoRAs (its family is other)",
+        "model someone-some-model takes no LoRAs (its family is other)",
     )
 
 

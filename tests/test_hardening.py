@@ -501,7 +501,8 @@ def test_a_status_filtered_list_reads_a_bounded_slice_per_request(
         page = client.get("/v1/jobs", params=params).json()
         took = time.monotonic() - started
         stats = rclient.info("commandstats")
-        assert stats.get("cmdstat_hgetall", {"calls": 0})["calls"] <= LIST_SCAN
+        # The records of the slice, and (once per process, then cached) the tenant's limits.
+        assert stats.get("cmdstat_hgetall", {"calls": 0})["calls"] <= LIST_SCAN + 1
         assert took < 1.0
         pages += 1
         found += [job["id"] for job in page["jobs"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from core.settings import Settings
 from core.store import Ledger
-from worker.app import create_celery, default_name
+from worker.app import create_celery, default_name, served
 from worker.celeryapp import run
 
 
@@ -12,7 +12,7 @@ def worker_args(settings: Settings, name: str | None) -> list[str]:
     """One process, no pool: the runner owns the pipeline."""
     return [
         "--pool=solo",
-        f"--queues={Ledger.of(settings).queue_of(settings.model_name)}",
+        f"--queues={Ledger.of(settings).queue_of(served(settings))}",
         f"--hostname={name or default_name()}",
     ]
 

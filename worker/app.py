@@ -19,7 +19,7 @@ from celery.utils.log import get_logger
 
 from core import connections
 from core.broker import GENERATE_TASK
-from core.catalog import Catalog
+from core.catalog import Catalog, worker_model
 from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings
 from core.storage import open_store
@@ -27,6 +27,7 @@ from core.store import JobStore, Ledger
 from worker.batch import BatchContext
 from worker.batcher import Limits
 from worker.celeryapp import at_least_once
+from worker.inputs import InputLimits, InputLoader
 from worker.runner import Delivery, Runner, Supervision
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def create_celery(settings: Settings) -> Celery:
     app = at_least_once(
         "diffusion-queue",
         settings,
-        Ledger.of(settings).queue_of(settings.model_name),
+        Ledger.of(settings).queue_of(served(settings)),
         # One pipeline per process; the runner buffers up to two batches so the next one is ready.
         worker_concurrency=1,
         worker_prefetch_multiplier=prefetch_of(settings),
@@ -124,8 +125,15 @@ class BatchingStep(bootsteps.StartStopStep):  # type: ignore[misc]
         """Nothing left: close() drained."""
 
 
+def served(settings: Settings) -> str:
+    """The model this worker serves (one per worker process)."""
+    return worker_model(settings, Catalog.from_settings(settings))
+
+
 def build_runner(settings: Settings, name: str) -> Runner:
     """Connect the runner to Redis, the ledger and storage; it loads the model itself."""
+    catalog = Catalog.from_settings(settings)
+    model = worker_model(settings, catalog)
     redis = connections.sync_client(settings)
     ledger = Ledger.of(settings)
     store = JobStore(redis, ledger)
@@ -150,11 +158,9 @@ def build_runner(settings: Settings, name: str) -> Runner:
         from worker.models import set_cpu_threads
 
         set_cpu_threads(settings.cpu_threads)
-        # One model per worker: the catalog's default until dispatch names a worker's model.
-        catalog = Catalog.from_settings(settings)
         lora_cache_bytes = settings.lora_cache_mb * 1024 * 1024
         engine = load_engine(
-            catalog.get(None), settings.model_cache, catalog.loras, lora_cache_bytes
+            catalog.get(model), settings.model_cache, catalog.loras, lora_cache_bytes
         )
         prefix = getattr(storage, "prefix", "")
         return BatchContext(
@@ -166,6 +172,8 @@ def build_runner(settings: Settings, name: str) -> Runner:
             progress_interval_s=settings.progress_interval_s,
             prefix=prefix,
             ledger_patience_s=settings.visibility_timeout_s,
+            inputs=InputLoader(InputLimits.of(settings), storage, prefix),
+            resize=catalog.get(model).input_resize,
         )
 
     supervision = Supervision(
@@ -179,8 +187,8 @@ def build_runner(settings: Settings, name: str) -> Runner:
         limits,
         make_context,
         name=name,
-        model=settings.model_name,
-        queue=ledger.queue_of(settings.model_name),
+        model=model,
+        queue=ledger.queue_of(model),
         heartbeat_s=settings.heartbeat_s,
         prefetch=prefetch_of(settings),
         supervision=supervision,

@@ -17,11 +17,13 @@ from typing import Protocol, TypeVar
 from PIL.Image import Image
 from redis.exceptions import RedisError
 
+from core.catalog import Resize
 from core.errors import StorageError
 from core.jobs import Bucket, ErrorInfo, JobStatus, Metrics, Progress, StoredImage
 from core.storage import CONTENT_TYPES, ObjectStore, image_key, put_with_retries
 from core.store import Applied, Change, JobRecord, JobStore
 from worker.inference import Row, StepHook
+from worker.inputs import InputLoader, InputRefused, Inputs, prepare_inputs
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Claim:
     attempt: int
     claimed_at: float
     live: bool = True
+    inputs: Inputs = field(default_factory=Inputs)  # img2img and inpaint: decoded, fitted
 
     @property
     def job_id(self) -> str:
@@ -62,8 +65,9 @@ class Claim:
         """The images the job asks for, seeds seed, seed+1, …"""
         req = self.record.request
         seed = req.seed or 0
+        image, mask = self.inputs.image, self.inputs.mask
         return [
-            Row(self.job_id, i, req.prompt, req.negative_prompt, seed + i)
+            Row(self.job_id, i, req.prompt, req.negative_prompt, seed + i, image, mask)
             for i in range(req.num_images)
         ]
 
@@ -91,6 +95,8 @@ class BatchContext:
     calling: list[Claim] = field(default_factory=list)
     calling_since: float | None = None  # monotonic start of that call
     on_step: Callable[[], None] = _no_step  # stamps the work loop's progress for the heartbeat
+    inputs: InputLoader | None = None  # reads img2img and inpaint inputs (None: refuses them)
+    resize: Resize = "cover"  # how an input is fitted to the job's size (the model's rule)
 
 
 T = TypeVar("T")
@@ -370,11 +376,39 @@ def _ids(claims: Sequence[Claim]) -> str:
     return ",".join(c.job_id for c in claims)
 
 
+def with_inputs(ctx: BatchContext, claims: Sequence[Claim]) -> list[Claim]:
+    """Load each claimed job's image inputs; a job whose inputs are refused fails alone."""
+    ready = []
+    for c in claims:
+        req = c.record.request
+        if req.image is None:
+            ready.append(c)
+            continue
+        try:
+            if ctx.inputs is None:
+                raise InputRefused(
+                    "this worker takes no image inputs", field="image", code="no_inputs"
+                )
+            refs, size = (req.image, req.mask), (req.width, req.height)
+            c.inputs = prepare_inputs(ctx.inputs, ctx.storage, c.job_id, refs, size, ctx.resize)
+        except InputRefused as e:
+            log.info("job %s: input refused (%s)", c.job_id, e.code)
+            fail(ctx, c, e.code, e.message)
+            continue
+        except StorageError as e:
+            log.error("job %s: its inputs could not be stored: %s", c.job_id, e)
+            fail(ctx, c, "storage_error", "the job's inputs could not be stored")
+            continue
+        ready.append(c)
+    return ready
+
+
 def run_models(
     ctx: BatchContext, records: Sequence[JobRecord], bucket: Bucket, capacity: int
 ) -> Ran:
-    """Claim the jobs and run the pipeline (split to the row cap); storing comes after."""
-    claims = claim(ctx, records)
+    """Claim the jobs, load their inputs and run the pipeline (split to the row cap); storing
+    comes after."""
+    claims = with_inputs(ctx, claim(ctx, records))
     for c in claims:
         ctx.running[c.job_id] = c  # the heartbeat renews their leases until they are stored
     try:

@@ -324,7 +324,7 @@ class Runner:
                 self._settle(delivery, ack=True)
                 continue
             self.records[job_id] = record
-            bucket = Bucket.of(record.request)
+            bucket = Bucket.of(record.request, record.model)
             fresh.append(Pending(job_id, bucket, record.request.num_images, arrived, delivery))
         with self.cond:
             self.pending.extend(fresh)
