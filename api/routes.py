@@ -46,7 +46,7 @@ from core.jobs import (
     QueueInfo,
     new_job_id,
 )
-from core.storage import CONTENT_TYPES, FileStore
+from core.storage import CONTENT_TYPES, FileStore, job_folder
 from core.store import Admission, Change, JobRecord, Place, Unreadable
 from core.tenants import TenantLimits, signing_secrets
 from core.urlguard import check_url
@@ -147,7 +147,7 @@ async def owned(caller: Caller, job_id: str) -> tuple[JobRecord, Place | None]:
     except UnreadableRecord:
         await res.jobs.quarantine(job_id)
         record, place = await res.jobs.get(job_id)
-    if record is None or (record.tenant != caller.tenant and not caller.admin):
+    if record is None or record.deleted or (record.tenant != caller.tenant and not caller.admin):
         raise NotFound(f"no job {job_id}")
     return record, place
 
@@ -158,6 +158,13 @@ async def submit(
     http: Request,
     caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    cancel_after: Annotated[
+        str | None,
+        Header(
+            max_length=32,
+            description="fail the job unless it finished within this long (30, 90s, 5m, 1h)",
+        ),
+    ] = None,
 ) -> Response:
     """Submit a job; answers 202 with the queued job at once."""
     res, tenant = caller.res, caller.tenant
@@ -165,12 +172,15 @@ async def submit(
     asked = admissible(resolved(res, request), limits)
     await checked_webhook(res, tenant, request.webhook)
     seeded = asked if asked.seed is not None else asked.seeded(secrets.randbelow(MAX_SEED))
+    now = time.time()
+    within = deadline_of(seeded.deadline_s, cancel_after)
     record = JobRecord(
         id=new_job_id(),
         tenant=tenant,
         status=JobStatus.QUEUED,
         attempt=0,
-        created_at=time.time(),
+        created_at=now,
+        deadline_at=None if within is None else now + within,
         request=seeded,
         model=seeded.model or res.catalog.default,
         priority=seeded.priority,
@@ -181,7 +191,9 @@ async def submit(
     idem = None
     if idempotency_key:
         idem = (keys.idempotency(tenant, idempotency_key), f"{record.id} {fingerprint(request)}")
-    admission = await res.jobs.submit(record, limits=limits.admission(), idempotency=idem)
+    admission = await res.jobs.submit(
+        record, limits=limits.admission(), idempotency=idem, deadline=record.deadline_at
+    )
     if admission.outcome == "full":
         raise Unavailable("the queue is full; retry later", retry_after_s=10, code="queue_full")
     if admission.outcome == "limited":
@@ -223,6 +235,25 @@ def resolved(res: Resources, request: JobCreate) -> JobRequest:
         strength=checked.strength,
         loras=[LoraRef(name=name, scale=scale) for name, scale in checked.loras],
     )
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
+UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_DEADLINE_S = 7 * 86_400
+
+
+def deadline_of(deadline_s: float | None, cancel_after: str | None) -> float | None:
+    """Seconds after submit the job must have finished by: the body's, else the header's."""
+    if deadline_s is not None or cancel_after is None:
+        return deadline_s
+    match = DURATION.fullmatch(cancel_after.strip())
+    seconds = float(match.group(1)) * UNITS_S[match.group(2)] if match else 0.0
+    if not 0 < seconds <= MAX_DEADLINE_S:
+        raise ValidationFailed(
+            "Cancel-After must be a duration such as 30, 90s, 5m or 1h, at most 7 days",
+            field="Cancel-After",
+        )
+    return seconds
 
 
 def admissible(asked: JobRequest, limits: TenantLimits) -> JobRequest:
@@ -411,6 +442,21 @@ async def cancel(job_id: str, http: Request, caller: CallerDep) -> Job:
         raise Conflict(f"job {job_id} already {applied.before}", code="already_finished")
     record, place = await owned(caller, job_id)
     return await render(res, record, place, http)
+
+
+@router.delete("/v1/jobs/{job_id}", status_code=204, tags=["jobs"])
+async def delete(job_id: str, caller: CallerDep) -> Response:
+    """Delete a job: canceled first if it has not ended, its images and inputs removed from
+    storage at once, its record gone (404) from now on."""
+    res = caller.res
+    record, _ = await owned(caller, job_id)
+    if not record.status.terminal:
+        await res.jobs.change(Change("cancel", job_id, fields={"finished_at": time.time()}))
+    folder = job_folder(getattr(res.storage, "prefix", ""), job_id)
+    await asyncio.to_thread(res.storage.delete_folder, folder)
+    await res.jobs.tombstone(record)
+    log.info("job %s deleted", job_id)
+    return Response(status_code=204)
 
 
 @router.post(

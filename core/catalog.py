@@ -95,6 +95,7 @@ class ModelSpec:
     input_resize: Resize = "cover"
     min_workers: int = 1
     max_workers: int = 1
+    max_run_s: float | None = None  # a job running longer fails (run_timeout); None: no limit
 
     @property
     def takes_loras(self) -> bool:
@@ -133,6 +134,7 @@ class _Entry(BaseModel):
     input_resize: Resize = "cover"
     min_workers: int | None = Field(default=None, ge=0)
     max_workers: int | None = Field(default=None, ge=1)
+    max_run_s: float | None = Field(default=None, gt=0)
 
     @field_validator("sizes")
     @classmethod
@@ -217,6 +219,7 @@ def single_model(settings: Settings) -> ModelSpec:
         max_side=settings.max_side,
         min_workers=settings.scaler_min,
         max_workers=settings.scaler_max,
+        max_run_s=settings.max_run_s,
     )
 
 
@@ -309,6 +312,7 @@ def _spec(name: str, entry: _Entry, base: Path, settings: Settings) -> ModelSpec
         input_resize=entry.input_resize,
         min_workers=settings.scaler_min if entry.min_workers is None else entry.min_workers,
         max_workers=entry.max_workers or settings.scaler_max,
+        max_run_s=entry.max_run_s or settings.max_run_s,
     )
     spec = _with_defaults(spec, entry.defaults)
     _check_spec(spec)

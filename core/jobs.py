@@ -271,6 +271,8 @@ class Job(BaseModel):
     error: ErrorInfo | None = None
     metrics: Metrics
     webhook: WebhookView | None = None
+    deadline_at: datetime | None = None  # unless it has finished by then, it fails
+    expires_at: datetime | None = None  # when a finished job and its images are deleted
 
 
 @dataclass(frozen=True)

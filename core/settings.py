@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     model: str = "tiny"
     worker_model: str | None = Field(None, description="the catalog model a worker serves")
     upload_ttl_s: int = Field(3600, ge=60, description="how long an unused upload is kept")
+    max_run_s: float | None = Field(
+        None, gt=0, description="a job running longer fails (run_timeout); a catalog entry's wins"
+    )
     model_cache: Path = Path.home() / ".cache" / "diffusion-queue" / "models"
     device: str | None = None
     dtype: str | None = None

@@ -37,6 +37,7 @@ from core.jobs import (
 )
 from core.settings import Settings
 
+TOMBSTONE_S = 60  # a deleted job's record lingers this long, refusing late writes, then goes
 Op = Literal["claim", "renew", "finish", "handback", "cancel", "fail"]
 # The status each operation leads to (finish: the change's own `to`).
 _TARGET: dict[str, JobStatus] = {
@@ -70,6 +71,9 @@ class JobRecord:
     metrics: Metrics = field(default_factory=Metrics)
     worker: str | None = None
     webhook: WebhookSpec | None = None
+    deadline_at: float | None = None
+    expires_at: float | None = None  # set when the job ends
+    deleted: bool = False  # a tombstone: deleted by its owner, gone for good shortly
 
 
 def encode(**values: Any) -> dict[str, str]:
@@ -129,6 +133,9 @@ def _decode(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         metrics=model(Metrics, "metrics") or Metrics(),
         worker=raw.get("worker") or None,
         webhook=model(WebhookSpec, "webhook"),
+        deadline_at=_opt_float(raw.get("deadline_at")),
+        expires_at=_opt_float(raw.get("expires_at")),
+        deleted=bool(raw.get("deleted_at")),
     )
 
 
@@ -282,6 +289,7 @@ class Ledger:
             priority=record.priority,
             units=record.units,
             images=record.request.num_images,
+            deadline_at=deadline,
         )
         if record.webhook is not None:
             # The transition script reads the plain list; the API reads the JSON.
@@ -530,6 +538,16 @@ class AsyncJobStore:
         raw = await self.redis.hget(keys.job(job_id), "request")
         change = quarantine_change(job_id, None if raw is None else str(raw), "unreadable")
         return (await self.change(change)).ok
+
+    async def tombstone(self, record: JobRecord) -> None:
+        """Mark an ended job deleted: out of its tenant's index now, its record gone shortly."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.job(record.id), "deleted_at", time.time())
+        pipe.expire(keys.job(record.id), TOMBSTONE_S)
+        pipe.delete(keys.webhook_log(record.id))
+        pipe.zrem(keys.tenant_jobs(record.tenant), record.id)
+        pipe.zrem(keys.EXPIRING, f"{record.tenant} {record.id}")
+        await pipe.execute()
 
     async def redeliver(self, job_id: str) -> DeliveryOrder | None:
         """Queue a job's last webhook event again: a new series of attempts, same webhook-id."""

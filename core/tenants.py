@@ -74,6 +74,7 @@ class TenantLimits(BaseModel):
     max_priority: Priority = "high"
     read_rate: float = Field(200.0, ge=0)
     read_burst: int = Field(400, ge=1)
+    retention_s: float = Field(7 * 86_400, gt=0, description="how long finished jobs are kept")
 
     @classmethod
     def of(cls, settings: Settings) -> TenantLimits:
@@ -90,6 +91,7 @@ class TenantLimits(BaseModel):
             max_priority=settings.tenant_max_priority,
             read_rate=settings.read_rate,
             read_burst=settings.read_burst,
+            retention_s=settings.job_ttl_s,
         )
 
     def merged(self, overrides: dict[str, str]) -> TenantLimits:

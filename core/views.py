@@ -51,4 +51,6 @@ def public_job(
         error=record.error,
         metrics=metrics,
         webhook=webhook_view(record, deliveries or []),
+        deadline_at=to_datetime(record.deadline_at),
+        expires_at=to_datetime(record.expires_at),
     )

@@ -174,6 +174,7 @@ def build_runner(settings: Settings, name: str) -> Runner:
             ledger_patience_s=settings.visibility_timeout_s,
             inputs=InputLoader(InputLimits.of(settings), storage, prefix),
             resize=catalog.get(model).input_resize,
+            max_run_s=catalog.get(model).max_run_s,
         )
 
     supervision = Supervision(

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from core.catalog import Resize
 from core.errors import StorageError
 from core.jobs import Bucket, ErrorInfo, JobStatus, Metrics, Progress, StoredImage
-from core.storage import CONTENT_TYPES, ObjectStore, image_key, put_with_retries
+from core.storage import CONTENT_TYPES, ObjectStore, image_key, job_folder, put_with_retries
 from core.store import Applied, Change, JobRecord, JobStore
 from worker.inference import Row, StepHook
 from worker.inputs import InputLoader, InputRefused, Inputs, prepare_inputs
@@ -95,6 +95,7 @@ class BatchContext:
     calling: list[Claim] = field(default_factory=list)
     calling_since: float | None = None  # monotonic start of that call
     on_step: Callable[[], None] = _no_step  # stamps the work loop's progress for the heartbeat
+    max_run_s: float | None = None  # a job running longer fails (run_timeout); None: no limit
     inputs: InputLoader | None = None  # reads img2img and inpaint inputs (None: refuses them)
     resize: Resize = "cover"  # how an input is fitted to the job's size (the model's rule)
 
@@ -178,6 +179,34 @@ def _refused(c: Claim, applied: Applied) -> None:
         )
 
 
+def overdue(ctx: BatchContext, claims: Sequence[Claim]) -> int:
+    """Fail the live claims past their deadline or the model's longest run; how many.
+
+    A failed claim is live no more: its rows are dropped (the call is interrupted at the next
+    step when no row is left) and its images never stored. Best effort: on a ledger outage the
+    recovery sweep fails them once Redis is back.
+    """
+    now, failed_now = time.time(), []
+    for c in claims:
+        if not c.live:
+            continue
+        deadline = c.record.deadline_at
+        if deadline is not None and now > deadline:
+            failed_now.append(
+                (c, "deadline_exceeded", "the job did not finish before its deadline")
+            )
+        elif ctx.max_run_s is not None and now - c.claimed_at > ctx.max_run_s:
+            message = f"the job ran longer than this model allows ({ctx.max_run_s:g} s)"
+            failed_now.append((c, "run_timeout", message))
+    if not failed_now:
+        return 0
+    changes = [failed(ctx, c, code, message) for c, code, message in failed_now]
+    for (c, code, _), applied in zip(failed_now, ctx.store.apply(changes), strict=True):
+        c.live = False
+        log.info("job %s failed while running: %s (%s)", c.job_id, code, applied.ok)
+    return len(failed_now)
+
+
 class Progressor:
     """Writes throttled progress for a call's jobs and notices rows canceled meanwhile."""
 
@@ -193,6 +222,7 @@ class Progressor:
             self.last = now
             try:
                 renew(self.ctx, self.claims, progress=Progress(step=step, total_steps=self.total))
+                overdue(self.ctx, self.claims)
             except RedisError as e:
                 # Progress is best effort; the heartbeat keeps the lease when Redis is back.
                 log.warning("progress not written (Redis: %s); the batch goes on", e)
@@ -241,6 +271,17 @@ def store_images(ctx: BatchContext, claim_: Claim, images: Sequence[Image]) -> l
         )
         outputs.append(StoredImage(key=key, seed=row.seed, width=image.width, height=image.height))
     return outputs
+
+
+def discard(ctx: BatchContext, change: Change) -> None:
+    """Remove the images just stored for a job that was canceled while they were stored."""
+    if not change.fields.get("outputs"):
+        return
+    try:
+        ctx.storage.delete_folder(job_folder(ctx.prefix, change.job_id))
+        log.info("job %s: its images, stored as it was canceled, removed", change.job_id)
+    except Exception:  # the expiry sweep deletes them later anyway
+        log.warning("job %s: could not remove the images of a canceled job", change.job_id)
 
 
 def succeeded(
@@ -299,6 +340,8 @@ def finish(
     for change, outcome in zip(done, applied, strict=True):
         if not outcome.ok:
             _refused(next(c for c in claims if c.job_id == change.job_id), outcome)
+            if outcome.before == JobStatus.CANCELED.value:  # canceled (or deleted) meanwhile
+                discard(ctx, change)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from core import broker, heartbeats
 from core.heartbeats import WorkerBeat, WorkerState
 from core.jobs import Bucket, JobStatus
 from core.store import Change, JobRecord, JobStore, Unreadable
-from worker.batch import BatchContext, Ran, renew, run_models, store_batch
+from worker.batch import BatchContext, Ran, overdue, renew, run_models, store_batch
 from worker.batcher import Limits, Pending, pick
 
 log = logging.getLogger(__name__)
@@ -384,6 +384,7 @@ class Runner:
         ctx = self.ctx
         if ctx is not None:
             renew(ctx, list(ctx.running.values()))
+            overdue(ctx, list(ctx.running.values()))  # a hung call's rows too
         with self.cond:
             buffered = len(self.pending) + len(self.inbox)
             held = [d.tag for _, d, _ in self.inbox] + [p.handle.tag for p in self.pending]

@@ -23,6 +23,9 @@ end
 local op, to = A.op, nil
 if op == 'claim' then
   if r.place ~= 'D' then return refuse() end
+  -- Past its deadline a job never starts (the sweep fails it).
+  local deadline = num(redis.call('HGET', K.job(r.id), 'deadline_at'), nil)
+  if deadline and A.now > deadline then return refuse() end
   to = 'running'
 elseif op == 'renew' then
   if r.place ~= 'R' or r.attempt ~= A.attempt or r.worker ~= A.worker then return refuse() end
@@ -62,10 +65,12 @@ elseif op == 'handback' then
   enter_waiting(r, true)
 else  -- a terminal status
   vacate(r)
-  redis.call('HSET', jk, 'status', to)
-  redis.call('ZADD', 'dq:expiring', A.now + A.ttl, r.tenant .. ' ' .. r.id)
+  -- Kept for the tenant's retention, at most the deployment's.
+  local ttl = math.min(A.ttl, conf(r.tenant, 'retention_s', A.ttl))
+  redis.call('HSET', jk, 'status', to, 'expires_at', A.now + ttl)
+  redis.call('ZADD', 'dq:expiring', A.now + ttl, r.tenant .. ' ' .. r.id)
   redis.call('ZREM', 'dq:deadlines', r.id)
-  redis.call('EXPIRE', jk, A.ttl)
+  redis.call('EXPIRE', jk, math.ceil(ttl))
   redis.call('HINCRBY', K.metrics, 'finished:' .. r.model .. ':' .. to, 1)
 end
 if A.fields and #A.fields > 0 then redis.call('HSET', jk, unpack(A.fields)) end
