@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import catalog, docs, errors, page, routes, uploads
+from api import admin, catalog, docs, errors, page, routes, uploads
 from api.metrics import instrument
 from api.middleware import Gate
 from api.resources import build
@@ -58,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(catalog.router)
     app.include_router(uploads.router)
+    app.include_router(admin.router)
     app.include_router(page.router)
     docs.install(app)
     instrument(app)

@@ -44,12 +44,15 @@ class Keys:
         return time.monotonic() - at <= (KEEP_S if self.heard() else UNHEARD_KEEP_S)
 
     async def is_open(self) -> bool:
-        """No key configured anywhere: every caller is the `public` tenant (local use only)."""
+        """No key ever configured: every caller is the `public` tenant (local use only).
+
+        Once a managed key has been made, the API stays closed, even with every key revoked.
+        """
         if self.static:
             return False
         if self._managed is None or not self._fresh(self._managed[1]):
-            count = await self.store.redis.hlen(keys.API_KEYS)  # type: ignore[misc]
-            self._managed = (bool(count), time.monotonic())
+            made = await self.store.redis.exists(keys.KEYS_MANAGED)
+            self._managed = (bool(made), time.monotonic())
         return not self._managed[0]
 
     async def identify(self, key: str) -> Identity | None:

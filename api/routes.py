@@ -79,6 +79,9 @@ class QueueStatus(BaseModel):
     images_per_s: float | None
     eta_s: float | None
     scaler: ScalerView | None = None  # None while no scaler is deciding
+    by_priority: dict[str, int] = {}  # jobs waiting per class, all models
+    by_model: dict[str, dict[str, int]] = {}  # per model: waiting per class, dispatched
+    by_tenant: dict[str, int] | None = None  # jobs waiting per tenant (admin keys only)
 
 
 class Redelivery(BaseModel):
@@ -519,6 +522,8 @@ async def queue(caller: CallerDep) -> QueueStatus:
     eta = round((queued + 1) / rate, 2) if rate else None
     decided = await heartbeats.scaler_status_async(res.redis)
     scaler = ScalerView.model_validate(decided.model_dump()) if decided else None
+    by_model, by_tenant = await depths(res, caller.admin)
+    by_priority = {c: sum(m.get(c, 0) for m in by_model.values()) for c in keys.CLASSES}
     return QueueStatus(
         queued=queued,
         running=running,
@@ -526,7 +531,42 @@ async def queue(caller: CallerDep) -> QueueStatus:
         images_per_s=rate,
         eta_s=eta,
         scaler=scaler,
+        by_priority=by_priority,
+        by_model=by_model,
+        by_tenant=by_tenant,
     )
+
+
+async def depths(
+    res: Resources, admin: bool
+) -> tuple[dict[str, dict[str, int]], dict[str, int] | None]:
+    """Waiting jobs per model and class (and dispatched), and, for an admin, per tenant."""
+    models = sorted(str(m) for m in await res.redis.smembers(keys.MODELS))  # type: ignore[misc]
+    pipe = res.redis.pipeline(transaction=False)
+    for model in models:
+        for klass in keys.CLASSES:
+            pipe.zcard(keys.waiting(model, klass))
+            pipe.zrange(keys.lines(model, klass), 0, -1)
+        pipe.zcard(keys.dispatched(model))
+    replies = iter(await pipe.execute())
+    by_model: dict[str, dict[str, int]] = {}
+    tenants: set[tuple[str, str, str]] = set()
+    for model in models:
+        row = {}
+        for klass in keys.CLASSES:
+            row[klass] = int(next(replies))
+            tenants.update((model, klass, str(t)) for t in next(replies))
+        row["dispatched"] = int(next(replies))
+        by_model[model] = row
+    if not admin:
+        return by_model, None
+    pipe = res.redis.pipeline(transaction=False)
+    for model, klass, tenant in sorted(tenants):
+        pipe.zcard(keys.ready(model, klass, tenant))
+    by_tenant: dict[str, int] = {}
+    for (_, _, tenant), n in zip(sorted(tenants), await pipe.execute(), strict=True):
+        by_tenant[tenant] = by_tenant.get(tenant, 0) + int(n)
+    return by_model, by_tenant
 
 
 @router.get("/v1/files/{key:path}", include_in_schema=False)

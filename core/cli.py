@@ -21,6 +21,7 @@ PROGRAMS = {
     "worker": ("worker", "one batching GPU/CPU worker"),
     "scaler": ("scaler", "the autoscaler and reaper (also: dq scaler simulate)"),
     "bench": ("bench", "the benchmarks (dq bench --help)"),
+    "keys": ("core.keyadmin", "API keys, tenants' limits and webhook secrets (dq keys --help)"),
 }
 
 # Client subcommands: `dq NAME args…` runs the client package's command line (client/).

@@ -26,6 +26,7 @@ WEBHOOK_RETRIES = f"{PREFIX}:webhooks:retries"  # zset delivery order JSON -> wh
 CHANGES = f"{PREFIX}:changes"  # pub/sub channel: "<job id> <status>" after every ledger write
 KEY_CHANGES = f"{PREFIX}:keys:changes"  # pub/sub channel: API keys or tenant limits changed
 API_KEYS = f"{PREFIX}:apikeys"  # hash sha256(key) -> the key's record (tenant, role, id)
+KEYS_MANAGED = f"{PREFIX}:apikeys:managed"  # set once a key is made: the API is never open again
 METRICS = f"{PREFIX}:metrics"  # hash: counters written once per event, read at scrape time
 
 CLASSES = ("high", "normal", "low")  # priority classes, in the order dispatch serves them

@@ -175,7 +175,10 @@ class KeyStore:
         record = KeyRecord(
             id="key_" + secrets.token_hex(6), tenant=tenant, role=role, created_at=time.time()
         )
-        self.redis.hset(keys.API_KEYS, hash_key(key), record.model_dump_json())
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.API_KEYS, hash_key(key), record.model_dump_json())
+        pipe.set(keys.KEYS_MANAGED, "1")  # revoking every key later must not open the API
+        pipe.execute()
         self._announce()
         return key, record
 
