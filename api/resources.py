@@ -13,6 +13,7 @@ from api.keys import Keys
 from api.watch import Watcher
 from core import connections, heartbeats
 from core.catalog import Catalog
+from core.limiter import Limiter
 from core.settings import Settings
 from core.storage import FileStore, S3Store, open_store
 from core.store import AsyncJobStore, Ledger
@@ -99,6 +100,7 @@ class Resources:
     watcher: Watcher  # job changes pushed to waiting requests
     throughput: Throughput  # the workers' images/s and units/s, for queue ETAs
     catalog: Catalog  # the models served, their limits and defaults, and the LoRAs
+    limiter: Limiter  # rate limits kept in Redis (webhook redeliveries)
 
 
 def build(settings: Settings) -> Resources:
@@ -118,4 +120,5 @@ def build(settings: Settings) -> Resources:
     keys_ = Keys(static, AsyncKeyStore(redis), defaults, lambda: watcher.subscribed)
     watcher.on_keys = keys_.changed
     catalog = Catalog.from_settings(settings)
-    return Resources(settings, redis, jobs, storage, keys_, watcher, throughput, catalog)
+    limiter = Limiter(redis)
+    return Resources(settings, redis, jobs, storage, keys_, watcher, throughput, catalog, limiter)

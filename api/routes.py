@@ -474,10 +474,27 @@ async def redeliver(job_id: str, caller: CallerDep) -> Redelivery:
     record, _ = await owned(caller, job_id)
     if record.webhook is None:
         raise Conflict(f"job {job_id} has no webhook", code="no_webhook")
+    await limit_redeliveries(res, caller.tenant, job_id)
     order = await res.jobs.redeliver(job_id)
     if order is None:
         raise Conflict(f"job {job_id} has no webhook event yet", code="no_webhook_event")
     return Redelivery(event=order.event, webhook_id=order.webhook_id)
+
+
+async def limit_redeliveries(res: Resources, tenant: str, job_id: str) -> None:
+    """At most DQ_REDELIVER_PER_JOB per job and DQ_REDELIVER_PER_TENANT per tenant an hour."""
+    per_job, per_tenant = res.settings.redeliver_per_job, res.settings.redeliver_per_tenant
+    for name, count in ((f"redeliver:job:{job_id}", per_job), (f"redeliver:{tenant}", per_tenant)):
+        wait = await res.limiter.wait_s(name, count / 3600, count)
+        if wait:
+            scope = "job" if ":job:" in name else "tenant"
+            raise LimitExceeded(
+                f"at most {count} redeliveries per {scope} an hour; retry in {wait:.0f} s",
+                limit=f"redeliver_per_{scope}",
+                retry_after_s=wait,
+                policy=f'"redeliver_per_{scope}";q={count};w=3600',
+                remaining=0,
+            )
 
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"])

@@ -53,6 +53,13 @@ def parser() -> argparse.ArgumentParser:
         const="adapters",
         help="LoRA switch cost and img2img/inpaint throughput, in one process (bench/adapters.py)",
     )
+    mode.add_argument(
+        "--tenants",
+        dest="mode",
+        action="store_const",
+        const="tenants",
+        help="a light tenant beside a flooding one, FIFO against fair dispatch (bench/tenants.py)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder")
     p.add_argument("--url", help="measure a running gateway instead of starting one")
     p.add_argument("--api-key", help="bearer key for --url")
@@ -152,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe otherwise
     try:
+        if args.mode == "tenants":
+            from bench.tenants import TenantBench, run_tenants
+
+            cache = args.model_cache or load_settings().model_cache
+            duration = args.duration_s or TenantBench.duration_s
+            return run_tenants(TenantBench(args.out, cache, duration_s=duration))
         if args.mode == "adapters":
             from bench.adapters import AdapterBench, run_adapters
 

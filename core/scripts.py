@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-SCRIPTS = ("submit", "transition", "position", "dispatch")
+SCRIPTS = ("submit", "transition", "position", "dispatch")  # each with ledger.lua
 
 
 @cache

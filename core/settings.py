@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     webhook_progress_interval_s: float = Field(5.0, ge=0.0)
     webhook_queue: str = "dq.webhooks"
     webhook_concurrency: int = Field(8, ge=1, le=256)
+    webhook_tenant_concurrency: int = Field(
+        2, ge=1, le=256, description="deliveries of one tenant at once per sender process"
+    )
     webhook_connect_timeout_s: float = Field(5.0, gt=0)
     webhook_timeout_s: float = Field(15.0, gt=0)
 

@@ -45,6 +45,39 @@ PUMP_INTERVAL_S = 0.25
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
 
 
+class TenantSlots:
+    """How many deliveries each tenant has in flight in this process, up to `limit` each.
+
+    The sender's threads are shared: without a cap, one tenant's receiver that never answers
+    would hold every thread for its timeout while other tenants' events wait.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy: dict[str, int] = {}
+        self.lock = threading.Lock()  # guards `busy`, taken by every delivery thread
+
+    def take(self, tenant: str) -> bool:
+        """A slot for `tenant`, if it has one free."""
+        with self.lock:
+            if self.busy.get(tenant, 0) >= self.limit:
+                return False
+            self.busy[tenant] = self.busy.get(tenant, 0) + 1
+            return True
+
+    def give_back(self, tenant: str) -> None:
+        """Free a slot taken with `take`."""
+        with self.lock:
+            left = self.busy.get(tenant, 1) - 1
+            if left:
+                self.busy[tenant] = left
+            else:
+                self.busy.pop(tenant, None)
+
+
+BUSY_RETRY_S = 1.0  # an order whose tenant has every slot busy comes back this much later
+
+
 @dataclass
 class Sender:
     """What a delivery needs, made once per process."""
@@ -57,6 +90,7 @@ class Sender:
     base_url: str
     rng: random.Random = field(default_factory=random.Random)
     resolve: Resolver = resolve_host
+    slots: TenantSlots = field(default_factory=lambda: TenantSlots(2))
 
 
 def build_sender(settings: Settings) -> Sender:
@@ -75,6 +109,7 @@ def build_sender(settings: Settings) -> Sender:
         retries=RetrySchedule(redis, settings.webhook_queue),
         storage=storage,
         base_url=settings.public_url or DEFAULT_PUBLIC_URL,
+        slots=TenantSlots(settings.webhook_tenant_concurrency),
     )
 
 
@@ -90,11 +125,24 @@ def url_secret(settings: Settings) -> bytes:
 
 
 def send(sender: Sender, order: DeliveryOrder) -> DeliveryRecord | None:
-    """Make one attempt of `order` and record it; None when the job or its webhook is gone."""
+    """Make one attempt of `order` and record it; None when the job or its webhook is gone, or
+    when its tenant has every delivery slot busy (the order comes back shortly, same attempt)."""
     record = sender.store.get(order.job_id)
     if record is None or record.webhook is None:
         log.info("job %s: gone, %s not sent", order.job_id, order.event.value)
         return None
+    if not sender.slots.take(record.tenant):
+        sender.retries.add(order, time.time() + BUSY_RETRY_S)
+        return None
+    try:
+        return attempt_once(sender, order, record)
+    finally:
+        sender.slots.give_back(record.tenant)
+
+
+def attempt_once(sender: Sender, order: DeliveryOrder, record: JobRecord) -> DeliveryRecord:
+    """Check, sign and send one attempt; record it and park the next if there is one."""
+    assert record.webhook is not None
     if not order.manual and receiver_gone(sender.log.read(order.job_id)):
         return give_up(sender, order, "skipped", "the receiver answered 410 Gone; not sent")
     signers = tenant_secrets(sender, record.tenant)
