@@ -193,8 +193,8 @@ def run_tenants(bench: TenantBench) -> int:
     fifo, fair = phases
     report = {
         "command": "dq bench --tenants",
-        "machine": machine(),
-        "versions": versions(),
+        "machine": machine().model_dump(mode="json"),
+        "versions": versions().model_dump(mode="json"),
         "phases": [asdict(p) for p in phases],
         "fair_p95_over_idle_p95": round(fair.flood_p95_s / fair.idle_p95_s, 2),
         "fifo_p95_over_idle_p95": round(fifo.flood_p95_s / fifo.idle_p95_s, 2),
