@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -265,3 +266,42 @@ def test_high_overtakes_and_low_still_runs_within_its_bound(
     ).total_seconds()
     assert waited < bound + 10  # its bound, plus the dispatch window ahead of it
     print(f"\nhigh finished {finished.index(high) + 1}th of 62; low started after {waited:.1f} s")
+
+
+@pytest.mark.slow
+def test_queue_position_and_eta_hold_on_a_steady_queue(
+    env: dict[str, str],
+    gateway: Gateway,
+    worker_factory: Callable[..., WorkerProcess],
+) -> None:
+    worker_factory(env)
+    with client_for(gateway) as alice, client_for(gateway, BOB_KEY) as bob:
+        warm = [alice.post("/v1/jobs", json=TINY).json()["id"] for _ in range(12)]
+        for job_id in warm:  # the worker measures its throughput on these
+            wait_for(alice, job_id, timeout=120)
+        ids = {"alice": [], "bob": []}  # type: dict[str, list[str]]
+        for i in range(40):
+            tenant, client = ("alice", alice) if i % 4 else ("bob", bob)
+            ids[tenant].append(client.post("/v1/jobs", json=TINY).json()["id"])
+        asked_at = time.time()
+        said = {j: alice.get(f"/v1/jobs/{j}").json()["queue"] for j in ids["alice"]}
+        said |= {j: bob.get(f"/v1/jobs/{j}").json()["queue"] for j in ids["bob"]}
+        done = {
+            j: wait_for(alice if j in ids["alice"] else bob, j, timeout=300)
+            for j in ids["alice"] + ids["bob"]
+        }
+    finished = sorted(done, key=lambda j: datetime.fromisoformat(done[j]["finished_at"]))
+    deep = [j for j in finished[12:] if said[j] is not None]  # past the batches under way
+    position_errors = [
+        abs(said[j]["position"] - (finished.index(j) + 1)) / (finished.index(j) + 1) for j in deep
+    ]
+    eta_errors = []
+    for j in deep:
+        took = datetime.fromisoformat(done[j]["finished_at"]).timestamp() - asked_at
+        eta_errors.append(abs(said[j]["eta_s"] - took) / took)
+    assert statistics.median(position_errors) <= 0.2
+    assert statistics.median(eta_errors) <= 0.2
+    print(
+        f"\nposition within {statistics.median(position_errors):.0%} (median), "
+        f"ETA within {statistics.median(eta_errors):.0%} (median) of what happened"
+    )
