@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 
 from core.embedded import free_port
-from tests.conftest import ROOT, TEST_KEYS
+from tests.conftest import ALICE_KEY, ROOT, TEST_KEYS
 from tests.test_cli import descendants
 
-KEY = "key-alice"
+KEY = ALICE_KEY
 TINY = {"width": 64, "height": 64, "steps": 2}
 
 

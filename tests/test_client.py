@@ -7,6 +7,8 @@ import concurrent.futures
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -33,7 +35,7 @@ from dq_client import (
     verify_webhook,
 )
 from tests.client_parts import KEY, TINY, DqUp, Proxy
-from tests.conftest import Gateway, wait_until
+from tests.conftest import BOB_KEY, ROOT, Gateway, wait_until
 
 LONG = {"width": 64, "height": 64, "steps": 80}  # a few seconds on one CPU thread
 
@@ -148,7 +150,7 @@ def test_submit_wait_get_list_and_cancel(client: Client) -> None:
 
 
 def test_list_walks_every_page(dq: DqUp) -> None:
-    with Client(dq.url, "key-bob") as bob:
+    with Client(dq.url, BOB_KEY) as bob:
         ids = [bob.submit(f"page {i}", **TINY).id for i in range(5)]
         assert [j.id for j in bob.list(page_size=2)] == ids[::-1]
         assert [j.id for j in bob.list(page_size=2, limit=3)] == ids[::-1][:3]
@@ -234,7 +236,7 @@ def test_every_error_is_typed(dq: DqUp, client: Client) -> None:
     with pytest.raises(PayloadTooLarge) as large:
         client.submit("x" * 100_000)
     assert (large.value.status, large.value.code) == (413, "too_large")
-    with Client(dq.url, "key-bob") as bob, pytest.raises(NotFound):
+    with Client(dq.url, BOB_KEY) as bob, pytest.raises(NotFound):
         bob.get(client.submit("alice's", **TINY))  # another tenant's job is not found
 
 
@@ -295,7 +297,17 @@ def test_verify_webhook_accepts_a_real_delivery(dq: DqUp, client: Client) -> Non
         body, headers = wait_until(lambda: Receiver.got and Receiver.got[-1], 30, "a delivery")
     finally:
         server.shutdown()
-    secret = (dq.data_dir / "webhook_secret").read_text().strip()
+    # Alice's own secret, as the operator reads it beside `dq up` (the same data folder).
+    out = subprocess.run(
+        [sys.executable, "-m", "core.cli", "keys", "webhook-secret", "alice"],
+        cwd=ROOT,
+        env=dq.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    secret = out.stdout.strip()
     event = verify_webhook(secret, body, headers)
     assert (event["type"], event["data"]["id"], event["data"]["status"]) == (
         "job.succeeded",

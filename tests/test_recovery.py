@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from core import broker, heartbeats, keys
+from core.catalog import Catalog
 from core.heartbeats import WorkerBeat, WorkerState
 from core.jobs import JobStatus
 from core.recovery import Recovery, RecoveryConfig
@@ -82,7 +83,7 @@ def test_a_lost_dispatch_goes_out_again_after_two_sweeps_and_runs_once(
 ) -> None:
     settings = settings_from(env)
     store = JobStore(rclient, Ledger.of(settings))
-    model = settings.model_name
+    model = Catalog.from_settings(settings).default
     queue = store.ledger.queue_of(model)
     ids = [store.submit(record(model=model)).value for _ in range(2)]
     for job_id in ids:
