@@ -107,3 +107,33 @@ def test_redeliveries_are_limited_per_job_and_per_tenant(
         more = [alice.post(f"/v1/jobs/{second}/webhooks/redeliver") for _ in range(3)]
         assert [a.status_code for a in more] == [202, 202, 429]
         assert more[2].json()["error"]["limit"] == "redeliver_per_tenant"
+
+
+def test_a_tenants_secret_rotates_with_both_signing_until_it_is_finished(
+    tenant_env: dict[str, str],
+    gateway_factory: GatewayFactory,
+    receivers: Callable[..., Receiver],
+    sender_factory: Callable[[dict[str, str]], SenderProcess],
+) -> None:
+    gateway = gateway_factory(tenant_env)
+    sender_factory(tenant_env)
+    receiver = receivers(Answer())
+    old = tenant_secret(tenant_env, "alice")
+    rotate = [sys.executable, "-m", "core.cli", "keys", "webhook-secret", "alice"]
+    run = {"cwd": ROOT, "env": {**os.environ, **tenant_env}, "capture_output": True, "text": True}
+    both = subprocess.run([*rotate, "--rotate"], **run).stdout.split()  # type: ignore[call-overload]
+    assert both[0] == old
+    new = both[1]
+    with client_for(gateway) as alice:
+        submit_and_cancel(alice, receiver.url)
+        wait_until(lambda: receiver.hits, 30, "a delivery during the rotation")
+        during = receiver.hits[-1]
+        assert subprocess.run([*rotate, "--finish"], **run).stdout.split() == [new]  # type: ignore[call-overload]
+        submit_and_cancel(alice, receiver.url)
+        wait_until(lambda: len(receiver.hits) == 2, 30, "a delivery after it")
+        after = receiver.hits[-1]
+    for secret in (old, new):  # receivers on either secret accept what is sent meanwhile
+        Webhook(secret).verify(during.body, during.headers)
+    Webhook(new).verify(after.body, after.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(old).verify(after.body, after.headers)
