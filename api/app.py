@@ -12,6 +12,7 @@ from api import admin, catalog, docs, errors, page, routes, uploads
 from api.metrics import instrument
 from api.middleware import Gate
 from api.resources import build
+from api.sweeps import Sweeps
 from core.errors import ConfigError
 from core.settings import Settings
 
@@ -37,9 +38,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.resources = res = build(settings)
         res.watcher.start()
+        sweeps = Sweeps(settings, res.storage)
+        sweeps.start()
         try:
             yield
         finally:
+            await sweeps.stop()
             await res.watcher.stop()
             await res.redis.aclose()
 

@@ -13,8 +13,9 @@ import pytest
 import redis
 
 from core import keys
+from core.store import Change, JobStore, Ledger
 from core.tenants import KeyStore
-from tests.conftest import BOB_KEY, Gateway, WorkerProcess, client_for, wait_for
+from tests.conftest import BOB_KEY, Gateway, WorkerProcess, client_for, settings_from, wait_for
 
 QUICK = {"prompt": "a kite", "width": 64, "height": 64, "steps": 2}
 LONG = {"prompt": "a long one", "width": 64, "height": 64, "steps": 150, "num_images": 4}
@@ -148,3 +149,21 @@ def test_a_finished_job_shows_when_it_expires_by_its_tenants_retention(
     kept = datetime.fromisoformat(done["expires_at"]) - datetime.fromisoformat(done["finished_at"])
     assert 85 <= kept.total_seconds() <= 95
     assert 85 <= rclient.ttl(keys.job(job["id"])) <= 90
+
+
+def test_the_gateway_alone_sweeps_deadlines_and_expired_leases(
+    fast_env: dict[str, str],
+    gateway_factory: Callable[[dict[str, str]], Gateway],
+    rclient: redis.Redis,
+) -> None:
+    # No worker, no scaler: as with KEDA and every worker scaled to zero.
+    with client_for(gateway_factory(fast_env)) as client:
+        late = client.post("/v1/jobs", json={**QUICK, "deadline_s": 0.5}).json()
+        orphan = client.post("/v1/jobs", json=QUICK).json()
+        # A worker took `orphan` and died: its lease ran out.
+        claim = Change("claim", orphan["id"], worker="gone@x", lease=time.time() - 1)
+        assert JobStore(rclient, Ledger.of(settings_from(fast_env))).change(claim).ok
+        done = wait_for(client, late["id"], timeout=30)
+        back = wait_for(client, orphan["id"], 30, done=lambda j: j["status"] == "queued")
+    assert (done["status"], done["error"]["code"]) == ("failed", "deadline_exceeded")
+    assert (back["status"], back["metrics"]["attempts"]) == ("queued", 1)
