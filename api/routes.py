@@ -78,7 +78,8 @@ class QueueStatus(BaseModel):
     workers: int
     images_per_s: float | None
     eta_s: float | None
-    scaler: ScalerView | None = None  # None while no scaler is deciding
+    scaler: ScalerView | None = None  # None while no scaler is deciding; every pool summed
+    pools: dict[str, ScalerView] = {}  # each model's pool, as the scaler last decided
 
 
 class Redelivery(BaseModel):
@@ -471,7 +472,8 @@ async def queue(caller: CallerDep) -> QueueStatus:
     beats = await heartbeats.live_async(res.redis, res.settings.heartbeat_s * 3)
     rate = heartbeats.images_per_s(beats)
     eta = round((queued + 1) / rate, 2) if rate else None
-    decided = await heartbeats.scaler_status_async(res.redis)
+    pools = await heartbeats.scaler_statuses_async(res.redis)
+    decided = heartbeats.fleet_status(pools)
     scaler = ScalerView.model_validate(decided.model_dump()) if decided else None
     return QueueStatus(
         queued=queued,
@@ -480,6 +482,7 @@ async def queue(caller: CallerDep) -> QueueStatus:
         images_per_s=rate,
         eta_s=eta,
         scaler=scaler,
+        pools={m: ScalerView.model_validate(d.model_dump()) for m, d in pools.items()},
     )
 
 
