@@ -3,6 +3,7 @@ workers per model, the loop deciding each pool on its own, and two models in one
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -435,3 +436,32 @@ def test_two_models_in_one_dq_up_each_with_its_own_pool(
         f"\n  a tiny-sd2 job after that done in {started_2:.1f} s"
         f"\n  tiny served {len(steady.jobs)} jobs meanwhile, all on {tiny}"
     )
+
+
+@pytest.mark.slow
+def test_the_two_model_bench_compares_one_deployment_with_two(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    argv = ["--models", "--out", str(tmp_path), "--model-cache", str(model_cache)]
+    argv += ["--duration", "5", "--warmup", "1", "--rounds", "1", "--users", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "models.json").read_text())
+    points = {p["shape"]: p for p in report["points"]}
+    assert set(points) == {"shared", "separate"}
+    for point in points.values():
+        assert set(point["models"]) == {"tiny", "tiny-sd2"}
+        for share in point["models"].values():
+            assert share["succeeded"] == share["jobs"] > 0
+            assert share["misrouted"] == 0
+    summary = report["summary"]
+    assert (summary["misrouted_jobs"], summary["failed_jobs"]) == (0, 0)
+    ratio = points["shared"]["images_per_s"] / points["separate"]["images_per_s"]
+    assert summary["shared_vs_separate"] == pytest.approx(ratio, abs=0.001)
+    assert report["bench"]["users_per_model"] == 2
