@@ -23,6 +23,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bench import stages
+from bench.cpu import Meter
 from bench.generator import LoadGenerator
 from bench.load import LoadSpec, Sample
 from bench.machine import machine, versions
@@ -108,6 +110,10 @@ class ShapePoint(BaseModel):
     window_s: float
     images_per_s: float | None
     models: dict[str, ModelShare]
+    # Images per CPU-second the serving processes (gateways, workers, Redis) got: what outside
+    # load moves least, since it divides out the cores the machine's other users left.
+    images_per_core_s: float | None
+    cpu_cores: dict[str, float]  # cores used per role; `others`: load from outside the bench
     load_avg: float | None  # the machine's 1-minute load average at the end (2 cores: 2 is full)
 
 
@@ -169,7 +175,7 @@ def run_models(bench: ModelsBench) -> int:
         for round_ in range(plan.rounds):
             order = shapes if round_ % 2 == 0 else shapes[::-1]
             for shape in order:
-                points.append(measure(bench, shape, generators, round_))
+                points.append(measure(bench, shape, generators, redis, round_))
                 log.info("%s, round %d: %s img/s", shape.name, round_, points[-1].images_per_s)
     finally:
         for shape in shapes:
@@ -185,7 +191,11 @@ def run_models(bench: ModelsBench) -> int:
 
 
 def measure(
-    bench: ModelsBench, shape: Shape, generators: dict[str, LoadGenerator], round_: int
+    bench: ModelsBench,
+    shape: Shape,
+    generators: dict[str, LoadGenerator],
+    redis: EmbeddedRedis,
+    round_: int,
 ) -> ShapePoint:
     """Drive both models' users at once against `shape`; its figures."""
     plan, urls = bench.plan, shape.urls()
@@ -200,21 +210,39 @@ def measure(
         )
         for i, model in enumerate(MODELS)
     }
+    meter = Meter(roles(shape, generators, redis)).start()
     with ThreadPoolExecutor(len(MODELS)) as pool:
         runs = pool.map(lambda m: (m, generators[m].run(specs[m])), MODELS)
         results = dict(runs)
+    cpu = meter.read()
     samples = {m: with_workers(shape.stacks[m], r.samples) for m, r in results.items()}
     start = max(r.started for r in results.values()) + plan.warmup_s
     window = (start, min(r.ended for r in results.values()))
     every = [s for ss in samples.values() for s in ss]
+    rate = stages.images_per_s(stages.calls_of(every), window)
+    serving = sum(cpu.get(role, 0.0) for role in ("gateway", "worker", "redis"))
     return ShapePoint(
         shape=shape.name,
         round=round_,
         window_s=round(window[1] - window[0], 2),
-        images_per_s=_rounded(stages.images_per_s(stages.calls_of(every), window)),
+        images_per_s=_rounded(rate),
+        images_per_core_s=_rounded(rate / serving) if rate and serving > 0 else None,
+        cpu_cores=cpu,
         models={m: share(m, samples[m], shape, window) for m in MODELS},
         load_avg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     )
+
+
+def roles(
+    shape: Shape, generators: dict[str, LoadGenerator], redis: EmbeddedRedis
+) -> dict[str, list[int]]:
+    """Process ids by role, for CPU accounting: this shape's serving processes, the generators."""
+    found: dict[str, list[int]] = {"loadgen": [g.pid for g in generators.values() if g.pid]}
+    for stack in shape.unique():
+        for role, pids in stack.roles().items():
+            found.setdefault(role, []).extend(pids)
+    found["redis"] = [redis.process.pid] if redis.process is not None else []
+    return found
 
 
 def with_workers(stack: Stack, samples: list[Sample]) -> list[Sample]:
@@ -252,34 +280,24 @@ def _rounded(value: float | None) -> float | None:
 
 
 def report(bench: ModelsBench, points: list[ShapePoint]) -> dict[str, Any]:
-    """The run, its points and a summary: each shape's median and the paired ratios."""
-    by_round: dict[int, dict[str, ShapePoint]] = {}
-    for point in points:
-        by_round.setdefault(point.round, {})[point.shape] = point
-    ratios = [
-        r["shared"].images_per_s / r["separate"].images_per_s
-        for r in by_round.values()
-        if r["shared"].images_per_s and r["separate"].images_per_s
-    ]
-
-    def median_of(shape: str, model: str | None = None) -> float | None:
-        """The shape's median images/s, or one model's median p50."""
-        of = [p for p in points if p.shape == shape]
-        values = [p.models[model].p50_ms if model else p.images_per_s for p in of]
-        known = [v for v in values if v is not None]
-        return round(statistics.median(known), 3) if known else None
-
-    summary: dict[str, Any] = {
-        "shared_images_per_s": median_of("shared"),
-        "separate_images_per_s": median_of("separate"),
-        "shared_vs_separate": round(statistics.median(ratios), 3) if ratios else None,
-        "ratio_per_round": [round(r, 3) for r in ratios],
-        "misrouted_jobs": sum(s.misrouted for p in points for s in p.models.values()),
-        "failed_jobs": sum(s.jobs - s.succeeded for p in points for s in p.models.values()),
+    """The run, its points and a summary: each shape's medians and the paired ratios."""
+    summary: dict[str, Any] = {}
+    figures: dict[str, Callable[[ShapePoint], float | None]] = {
+        "images_per_s": lambda p: p.images_per_s,
+        "images_per_core_s": lambda p: p.images_per_core_s,
     }
+    for name, pick in figures.items():
+        for shape in ("shared", "separate"):
+            summary[f"{shape}_{name}"] = _median([pick(p) for p in points if p.shape == shape])
+        ratios = paired(points, pick)
+        summary[f"shared_vs_separate_{name}"] = _median(ratios)
+        summary[f"shared_vs_separate_{name}_per_round"] = [round(r, 3) for r in ratios]
     for shape in ("shared", "separate"):
         for model in MODELS:
-            summary[f"{shape}_{model}_p50_ms"] = median_of(shape, model)
+            of = [p.models[model].p50_ms for p in points if p.shape == shape]
+            summary[f"{shape}_{model}_p50_ms"] = _median(of)
+    summary["misrouted_jobs"] = sum(s.misrouted for p in points for s in p.models.values())
+    summary["failed_jobs"] = sum(s.jobs - s.succeeded for p in points for s in p.models.values())
     plan = bench.plan
     return {
         "bench": {
@@ -297,3 +315,20 @@ def report(bench: ModelsBench, points: list[ShapePoint]) -> dict[str, Any]:
         "points": [p.model_dump() for p in points],
         "summary": summary,
     }
+
+
+def paired(points: list[ShapePoint], pick: Callable[[ShapePoint], float | None]) -> list[float]:
+    """Shared over separate, round by round (the two were measured minutes apart at most)."""
+    by_round: dict[int, dict[str, float | None]] = {}
+    for point in points:
+        by_round.setdefault(point.round, {})[point.shape] = pick(point)
+    return [
+        shared / separate
+        for r in by_round.values()
+        if (shared := r.get("shared")) and (separate := r.get("separate"))
+    ]
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 3) if known else None

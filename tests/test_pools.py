@@ -17,11 +17,12 @@ import httpx
 import pytest
 import redis
 
-from core import heartbeats, keys
+from core import cli, heartbeats, keys
 from core.catalog import Catalog, load_catalog
 from core.embedded import free_port
 from core.errors import ConfigError
 from core.heartbeats import ScalerStatus, WorkerState
+from core.launcher import Launch, children
 from core.processes import stop_process
 from core.recovery import Recovery, RecoveryConfig
 from core.store import JobStore, Ledger
@@ -120,6 +121,22 @@ def test_each_pool_has_its_entrys_bounds_and_the_flags_bound_the_default_only(
         (5, 5),  # `dq up --min-workers 5`: the max rises with it, as it always did
         (2, 2),
         (0, 1),
+    ]
+
+
+def test_dq_up_bounds_the_default_models_pool_only_when_told() -> None:
+    def scaler_argv(*argv: str) -> list[str]:
+        args = cli.parser().parse_args(["up", *argv])
+        launch = Launch(args.host, args.port, args.min_workers, args.max_workers)
+        (scaler,) = [c for c in children(settings_from({}), launch) if c.name == "scaler"]
+        return scaler.argv[3:]
+
+    assert scaler_argv() == ["--backend", "process"]  # each pool: its catalog entry's bounds
+    assert scaler_argv("--min-workers", "0", "--max-workers", "3") == [
+        "--backend",
+        "process",
+        "--min=0",
+        "--max=3",
     ]
 
 
@@ -462,6 +479,10 @@ def test_the_two_model_bench_compares_one_deployment_with_two(
             assert share["misrouted"] == 0
     summary = report["summary"]
     assert (summary["misrouted_jobs"], summary["failed_jobs"]) == (0, 0)
-    ratio = points["shared"]["images_per_s"] / points["separate"]["images_per_s"]
-    assert summary["shared_vs_separate"] == pytest.approx(ratio, abs=0.001)
+    for figure in ("images_per_s", "images_per_core_s"):
+        ratio = points["shared"][figure] / points["separate"][figure]
+        assert summary[f"shared_vs_separate_{figure}"] == pytest.approx(ratio, abs=0.001)
+    for point in points.values():
+        assert point["cpu_cores"]["worker"] > 0
+        assert point["cpu_cores"]["gateway"] > 0
     assert report["bench"]["users_per_model"] == 2
