@@ -190,10 +190,9 @@ def test_each_models_workers_serve_that_model_on_gpus_of_their_own(
     tiny.drain(first)
     assert tiny.list_workers()[0] == WorkerHandle(first, first, stopping=True)
     wait_until(lambda: len(tiny.list_workers()) == 1, 10, "the drained worker to exit")
-    sd2.add(1)  # the GPU the drained tiny worker left
-    assert environ(processes.spawned[sd2.list_workers()[-1].id].process.pid)[
-        "CUDA_VISIBLE_DEVICES"
-    ] == ("0")
+    sd2.add(1)  # onto the GPU the drained tiny worker left
+    newest = processes.spawned[sd2.list_workers()[-1].id].process.pid
+    assert environ(newest)["CUDA_VISIBLE_DEVICES"] == "0"
     assert [len(tiny.list_workers()), len(sd2.list_workers())] == [1, 2]
 
 
