@@ -14,25 +14,28 @@ from core.heartbeats import ScalerStatus
 
 
 class ScalerGauges:
-    """The scaler's last decision; no samples while no scaler decides (a stale count misleads)."""
+    """Each pool's last decision; no samples while no scaler decides (a stale count misleads)."""
 
     def __init__(self) -> None:
-        self.status: ScalerStatus | None = None
+        self.pools: dict[str, ScalerStatus] = {}
 
     def collect(self) -> Iterator[Metric]:
-        """The two gauges, when there is a decision to report."""
-        if self.status is None:
+        """The two gauges, a sample per model, when there are decisions to report."""
+        if not self.pools:
             return
-        yield GaugeMetricFamily(
+        current = GaugeMetricFamily(
             "dq_scaler_workers_current",
             "Workers running or starting, as the scaler last counted them",
-            value=self.status.current,
+            labels=["model"],
         )
-        yield GaugeMetricFamily(
-            "dq_scaler_workers_desired",
-            "Workers the scaler last decided on",
-            value=self.status.desired,
+        desired = GaugeMetricFamily(
+            "dq_scaler_workers_desired", "Workers the scaler last decided on", labels=["model"]
         )
+        for model, status in self.pools.items():
+            current.add_metric([model], status.current)
+            desired.add_metric([model], status.desired)
+        yield current
+        yield desired
 
 
 def instrument(app: FastAPI) -> None:
@@ -49,5 +52,5 @@ def instrument(app: FastAPI) -> None:
         q, r = await resources.jobs.counts()
         queued.set(q)
         running.set(r)
-        scaler.status = await heartbeats.scaler_status_async(resources.redis)
+        scaler.pools = await heartbeats.scaler_statuses_async(resources.redis)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

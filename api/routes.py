@@ -78,7 +78,8 @@ class QueueStatus(BaseModel):
     workers: int
     images_per_s: float | None
     eta_s: float | None
-    scaler: ScalerView | None = None  # None while no scaler is deciding
+    scaler: ScalerView | None = None  # None while no scaler is deciding; every pool summed
+    pools: dict[str, ScalerView] = {}  # each model's pool, as the scaler last decided
     by_priority: dict[str, int] = {}  # jobs waiting per class, all models
     by_model: dict[str, dict[str, int]] = {}  # per model: waiting per class, dispatched
     by_tenant: dict[str, int] | None = None  # jobs waiting per tenant (admin keys only)
@@ -537,7 +538,8 @@ async def queue(caller: CallerDep) -> QueueStatus:
     beats = await heartbeats.live_async(res.redis, res.settings.heartbeat_s * 3)
     rate = heartbeats.images_per_s(beats)
     eta = round((queued + 1) / rate, 2) if rate else None
-    decided = await heartbeats.scaler_status_async(res.redis)
+    pools = await heartbeats.scaler_statuses_async(res.redis)
+    decided = heartbeats.fleet_status(pools)
     scaler = ScalerView.model_validate(decided.model_dump()) if decided else None
     by_model, by_tenant = await depths(res, caller.admin)
     by_priority = {c: sum(m.get(c, 0) for m in by_model.values()) for c in keys.CLASSES}
@@ -551,6 +553,7 @@ async def queue(caller: CallerDep) -> QueueStatus:
         by_priority=by_priority,
         by_model=by_model,
         by_tenant=by_tenant,
+        pools={m: ScalerView.model_validate(d.model_dump()) for m, d in pools.items()},
     )
 
 

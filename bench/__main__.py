@@ -60,6 +60,13 @@ def parser() -> argparse.ArgumentParser:
         const="tenants",
         help="a light tenant beside a flooding one, FIFO against fair dispatch (bench/tenants.py)",
     )
+    mode.add_argument(
+        "--models",
+        dest="mode",
+        action="store_const",
+        const="models",
+        help="mixed traffic over two models: one deployment against two (bench/models.py)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder")
     p.add_argument("--url", help="measure a running gateway instead of starting one")
     p.add_argument("--api-key", help="bearer key for --url")
@@ -169,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.adapters import AdapterBench, run_adapters
 
             return run_adapters(AdapterBench.of(args))
+        if args.mode == "models":
+            from bench.models import ModelsBench, run_models
+
+            with stopped_cleanly():
+                return run_models(ModelsBench.of(args))
         plan = plan_of(args)
         with stopped_cleanly():
             if plan.mode == "gpu":

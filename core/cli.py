@@ -53,8 +53,16 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("up", help="run everything on this machine (Ctrl-C stops it)")
     run.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
-    run.add_argument("--min-workers", type=int, default=1, help="workers kept running")
-    run.add_argument("--max-workers", type=int, default=1, help="workers the scaler may add")
+    run.add_argument(
+        "--min-workers",
+        type=int,
+        help="the default model's fewest workers (default: its catalog entry's, DQ_SCALER_MIN)",
+    )
+    run.add_argument(
+        "--max-workers",
+        type=int,
+        help="the default model's most workers (default: its catalog entry's, DQ_SCALER_MAX)",
+    )
     for name, (_, text) in PROGRAMS.items():
         sub.add_parser(name, help=text, add_help=False)
     for name, text in CLIENT.items():
@@ -102,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = load_settings()
-        launch = Launch(
-            args.host, args.port, args.min_workers, max(args.min_workers, args.max_workers)
-        )
+        launch = Launch(args.host, args.port, args.min_workers, args.max_workers)
         return up(settings, launch)
     except ConfigError as e:
         print(f"dq: {e.message}", file=sys.stderr)

@@ -11,6 +11,7 @@ The clients passed in here decode responses to str.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from enum import StrEnum
 
 from pydantic import BaseModel
@@ -136,7 +137,7 @@ async def live_async(redis: AsyncRedis, ttl_s: float) -> list[WorkerBeat]:
 
 
 class ScalerStatus(BaseModel):
-    """The scaler's last decision, exported for metrics and the queue view."""
+    """The scaler's last decision for one model's pool (or, summed, the whole fleet)."""
 
     current: int  # workers running or starting, not draining
     desired: int
@@ -144,18 +145,52 @@ class ScalerStatus(BaseModel):
     at: float
 
 
-def publish_scaler(redis: Redis, status: ScalerStatus, ttl_s: float) -> None:
-    """Write the scaler's decision; it vanishes when no scaler decides any more."""
-    redis.set(keys.SCALER_STATUS, status.model_dump_json(), px=int(ttl_s * 1000))
+def publish_scaler(redis: Redis, statuses: Mapping[str, ScalerStatus], ttl_s: float) -> None:
+    """Write each pool's decision, by model, in place of the last tick's; all of them vanish
+    together when no scaler decides any more."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.delete(keys.SCALER_POOLS)
+    if statuses:
+        pipe.hset(keys.SCALER_POOLS, mapping={m: s.model_dump_json() for m, s in statuses.items()})
+        pipe.pexpire(keys.SCALER_POOLS, int(ttl_s * 1000))
+    pipe.execute()
+
+
+def _statuses(raw: Mapping[str | bytes, str | bytes]) -> dict[str, ScalerStatus]:
+    return {str(m): ScalerStatus.model_validate_json(v) for m, v in sorted(raw.items())}
+
+
+def scaler_statuses(redis: Redis) -> dict[str, ScalerStatus]:
+    """Each pool's last decision, by model; empty when no scaler published one lately."""
+    return _statuses(redis.hgetall(keys.SCALER_POOLS))
+
+
+async def scaler_statuses_async(redis: AsyncRedis) -> dict[str, ScalerStatus]:
+    """Each pool's last decision, by model, for the gateway."""
+    return _statuses(await redis.hgetall(keys.SCALER_POOLS))
+
+
+def fleet_status(statuses: Mapping[str, ScalerStatus]) -> ScalerStatus | None:
+    """The pools together: workers summed; one pool's reason, or each pool's count."""
+    if not statuses:
+        return None
+    values = list(statuses.values())
+    if len(values) == 1:
+        return values[0]
+    reason = ", ".join(f"{m} {s.current}->{s.desired}" for m, s in statuses.items())
+    return ScalerStatus(
+        current=sum(s.current for s in values),
+        desired=sum(s.desired for s in values),
+        reason=f"per model: {reason}",
+        at=min(s.at for s in values),
+    )
 
 
 def scaler_status(redis: Redis) -> ScalerStatus | None:
-    """The scaler's last decision; None when no scaler published one lately."""
-    raw = redis.get(keys.SCALER_STATUS)
-    return ScalerStatus.model_validate_json(raw) if raw else None
+    """The whole fleet's last decision; None when no scaler published one lately."""
+    return fleet_status(scaler_statuses(redis))
 
 
 async def scaler_status_async(redis: AsyncRedis) -> ScalerStatus | None:
-    """The scaler's last decision, for the gateway; None when no scaler published one lately."""
-    raw = await redis.get(keys.SCALER_STATUS)
-    return ScalerStatus.model_validate_json(raw) if raw else None
+    """The whole fleet's last decision, for the gateway."""
+    return fleet_status(await scaler_statuses_async(redis))

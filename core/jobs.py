@@ -254,6 +254,8 @@ class Metrics(BaseModel):
     # finished_at (taken once the images are stored), the job's storage time.
     model_done_at: float | None = None
     attempts: int = 0
+    worker: str | None = None  # the worker that ran (or runs) the latest attempt
+    model: str | None = None  # the catalog model the job is for; only its pool's workers run it
 
 
 class Job(BaseModel):

@@ -95,15 +95,16 @@ class Launch:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    min_workers: int = 1
-    max_workers: int = 1
+    min_workers: int | None = None  # the default model's pool; None: its catalog entry's
+    max_workers: int | None = None
     extra: Sequence[Child] = ()
 
 
 def children(settings: Settings, launch: Launch) -> list[Child]:
     """The gateway, the scaler (it runs the workers and the reaper), the webhook sender."""
     api = Child("gateway", module("api", "--host", launch.host, "--port", str(launch.port)), 10)
-    bounds = [f"--min={launch.min_workers}", f"--max={launch.max_workers}"]
+    given = {"--min": launch.min_workers, "--max": launch.max_workers}
+    bounds = [f"{flag}={n}" for flag, n in given.items() if n is not None]
     scaler = Child(
         "scaler",
         module("scaler", "--backend", "process", *bounds),

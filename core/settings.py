@@ -168,7 +168,15 @@ class Settings(BaseSettings):
     scaler_drain_timeout_s: float = Field(300.0, gt=0, description="longer than the worst batch")
     scaler_gpus: str = Field("", description="GPU ids for the process backend, e.g. 0,1,2,3")
     scaler_docker_project: str = "diffusion-queue"
-    scaler_k8s_deployment: str = "dq-worker"
+    # Backend names of a model's workers; `{model}` becomes the catalog name. A name without it
+    # is one model's: the catalog's default.
+    scaler_docker_service: str = Field("worker", description="compose service, e.g. worker-{model}")
+    scaler_k8s_deployment: str = Field(
+        "dq-worker", description="Deployment, e.g. dq-worker-{model}"
+    )
+    scaler_models: str = Field(
+        "", description="models the scaler sizes, comma-separated; empty: every catalog model"
+    )
     scaler_k8s_namespace: str = "default"
     scaler_low_priority_scales: bool = Field(
         True, description="false: `low` work alone never adds workers above the minimum"

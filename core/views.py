@@ -37,7 +37,10 @@ def public_job(
     deliveries: list[DeliveryRecord] | None = None,
 ) -> Job:
     """The API's view of a record."""
-    metrics = record.metrics.model_copy(update={"attempts": record.attempt})
+    # The worker of the latest attempt (a job handed back keeps it in the ledger until claimed).
+    worker = None if record.status is JobStatus.QUEUED else record.worker
+    update = {"attempts": record.attempt, "worker": worker, "model": record.model or None}
+    metrics = record.metrics.model_copy(update=update)
     return Job(
         id=record.id,
         status=record.status,

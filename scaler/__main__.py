@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import TypeVar
 
 from core import connections
@@ -19,6 +20,7 @@ from core.store import JobStore, Ledger
 from scaler.backends import DockerBackend, KubernetesBackend, ScaleBackend
 from scaler.loop import ControlLoop
 from scaler.policy import PolicyConfig
+from scaler.pools import named, pooled, pools_of
 from scaler.process import ProcessBackend
 from scaler.signals import Reading
 
@@ -30,17 +32,17 @@ def parser() -> argparse.ArgumentParser:
     """Flags override the DQ_SCALER_* settings."""
     p = argparse.ArgumentParser(prog="dq scaler", description=__doc__)
     p.add_argument("--backend", choices=["process", "docker", "kubernetes"])
-    p.add_argument("--min", type=int, dest="min_workers", help="fewest workers (0: scale to zero)")
-    p.add_argument("--max", type=int, dest="max_workers", help="most workers")
+    p.add_argument(
+        "--min", type=int, dest="min_workers", help="the default model's fewest workers (0: none)"
+    )
+    p.add_argument("--max", type=int, dest="max_workers", help="the default model's most workers")
     p.add_argument("--interval", type=float, dest="interval_s", help="seconds between ticks")
     return p
 
 
 def policy_of(settings: Settings, args: argparse.Namespace) -> PolicyConfig:
-    """The policy's knobs from settings, with command-line overrides."""
+    """The policy's knobs from settings, with command-line overrides (each pool has its bounds)."""
     return PolicyConfig(
-        min_workers=_pick(args.min_workers, settings.scaler_min),
-        max_workers=_pick(args.max_workers, settings.scaler_max),
         interval_s=_pick(args.interval_s, settings.scaler_interval_s),
         target_wait_s=settings.scaler_target_wait_s,
         down_window_s=settings.scaler_down_window_s,
@@ -53,19 +55,37 @@ def _pick(flag: T | None, setting: T) -> T:
     return setting if flag is None else flag
 
 
-def backend_of(name: str, settings: Settings) -> ScaleBackend:
-    """The backend that starts and stops workers."""
+def backends_of(
+    name: str, settings: Settings
+) -> tuple[Callable[[str], ScaleBackend], str | None, ProcessBackend | None]:
+    """How to reach a model's workers, the backend's name pattern, and the local processes."""
     drain_s = settings.scaler_drain_timeout_s
     if name == "docker":
-        return DockerBackend(settings.scaler_docker_project, stop_timeout_s=int(drain_s))
+        pattern = settings.scaler_docker_service
+
+        def docker(model: str) -> ScaleBackend:
+            service = named(pattern, model)
+            return DockerBackend(
+                settings.scaler_docker_project, service, stop_timeout_s=int(drain_s)
+            )
+
+        return docker, pattern, None
     if name == "kubernetes":
-        return KubernetesBackend(settings.scaler_k8s_deployment, settings.scaler_k8s_namespace)
+        pattern = settings.scaler_k8s_deployment
+
+        def kubernetes(model: str) -> ScaleBackend:
+            return KubernetesBackend(named(pattern, model), settings.scaler_k8s_namespace)
+
+        return kubernetes, pattern, None
     gpus = [g for g in settings.scaler_gpus.split(",") if g.strip()]
-    return ProcessBackend(dict(os.environ), gpus)
+    processes = ProcessBackend(dict(os.environ), gpus)
+    return processes.pool, None, processes
 
 
-def build(settings: Settings, args: argparse.Namespace) -> tuple[ControlLoop, ScaleBackend]:
-    """The control loop and the backend it drives, connected to Redis."""
+def build(
+    settings: Settings, args: argparse.Namespace
+) -> tuple[ControlLoop, ProcessBackend | None]:
+    """The control loop over every model's pool, connected to Redis, and the local processes."""
     redis = connections.sync_client(settings)
     storage = open_store(
         settings.storage,
@@ -80,16 +100,27 @@ def build(settings: Settings, args: argparse.Namespace) -> tuple[ControlLoop, Sc
         storage,
         getattr(storage, "prefix", ""),
     )
-    policy = policy_of(settings, args)
-    backend = backend_of(args.backend or settings.scaler_backend, settings)
+    catalog = Catalog.from_settings(settings)
+    backend_for, pattern, processes = backends_of(args.backend or settings.scaler_backend, settings)
+    models = pooled(catalog, settings.scaler_models, pattern)
+    left = [m for m in catalog.models if m not in models]
+    if left:
+        log.info(
+            "no pool for %s here: another scaler, KEDA or a person sizes them", ", ".join(left)
+        )
     reading = Reading(
-        Catalog.from_settings(settings).default,
+        catalog.default,
         settings.heartbeat_s * 3,
         settings.loop_stale_s,
         settings.scaler_low_priority_scales,
     )
-    loop = ControlLoop(redis, backend, recovery, policy, reading)
-    return loop, backend
+    policy = policy_of(settings, args)
+    flags = (args.min_workers, args.max_workers)
+    pools = pools_of(catalog, models, policy, reading, backend_for, flags)
+    for pool in pools:
+        config = pool.config
+        log.info("pool %s: %d to %d workers", pool.model, config.min_workers, config.max_workers)
+    return ControlLoop(redis, pools, recovery, policy.interval_s), processes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
-        loop, backend = build(settings, args)
+        loop, processes = build(settings, args)
     except ConfigError as e:
         print(f"dq: {e.message}", file=sys.stderr)
         return 2
@@ -113,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, loop.stop)
     log.info("scaler running with the %s backend", args.backend or settings.scaler_backend)
     loop.run()
-    if isinstance(backend, ProcessBackend):
-        backend.stop_all(settings.scaler_drain_timeout_s)
+    if processes is not None:
+        processes.stop_all(settings.scaler_drain_timeout_s)
     return 0
 
 

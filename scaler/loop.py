@@ -1,8 +1,9 @@
-"""The scaler's control loop: one instance at a time, a tick every interval.
+"""The scaler's control loop: one instance at a time, a tick every interval, a pool per model.
 
-Each tick: hold the lock, offer to run the recovery sweep, read signals, let the pure policy
-decide, and, if the lock is still ours, apply the decision through the backend and publish what
-was decided and why (a scaler that lost its lock mid-tick, paused or cut off, applies nothing).
+Each tick: hold the lock, offer to run the recovery sweep, then for each model's pool read its
+signals and let the pure policy decide with that pool's state and bounds; if the lock is still
+ours, apply each decision through the pool's backend and publish what was decided and why, per
+model (a scaler that lost its lock mid-tick, paused or cut off, applies nothing).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -20,9 +23,9 @@ from core import heartbeats, keys
 from core.heartbeats import ScalerStatus
 from core.recovery import Recovery
 from scaler import signals
-from scaler.backends import ScaleBackend, WorkerHandle
-from scaler.policy import Decision, PolicyConfig, PolicyState, Signals, decide
-from scaler.signals import Reading
+from scaler.backends import WorkerHandle
+from scaler.policy import Decision, Signals, decide
+from scaler.pools import Pool
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +69,29 @@ class Lock:
         self._release([keys.SCALER_LOCK], [self.token])
 
 
+@dataclass(frozen=True)
+class Step:
+    """One pool's decision in a tick, and the count it was made from."""
+
+    pool: Pool
+    current: int
+    decision: Decision
+
+    def status(self, at: float) -> ScalerStatus:
+        """What the scaler publishes for this pool."""
+        d = self.decision
+        return ScalerStatus(current=self.current, desired=d.desired, reason=d.reason, at=at)
+
+
 class ControlLoop:
-    """Reads, decides, applies; forever, or until stopped."""
+    """Reads, decides, applies for every model's pool; forever, or until stopped."""
 
     def __init__(
-        self,
-        redis: Redis,
-        backend: ScaleBackend,
-        recovery: Recovery,
-        config: PolicyConfig,
-        reading: Reading,
+        self, redis: Redis, pools: Sequence[Pool], recovery: Recovery, interval_s: float
     ) -> None:
-        self.redis, self.backend, self.recovery, self.config = redis, backend, recovery, config
-        self.reading = reading
-        self.lock = Lock(redis, ttl_s=max(3 * config.interval_s, 10.0))
-        self.state = PolicyState()
+        self.redis, self.pools, self.recovery = redis, list(pools), recovery
+        self.interval_s = interval_s
+        self.lock = Lock(redis, ttl_s=max(3 * interval_s, 10.0))
         self.stopped = threading.Event()
         self.holding: bool | None = None  # whether the last tick had the lock; None: no tick yet
 
@@ -92,9 +103,9 @@ class ControlLoop:
             except RedisError as e:
                 log.warning("Redis unavailable (%s); holding the fleet as it is", e)
             except Exception:
-                # One bad tick (a backend call that failed) must not leave the fleet unmanaged.
-                log.exception("scaler tick failed; trying again in %g s", self.config.interval_s)
-            self.stopped.wait(self.config.interval_s)
+                # One bad tick must not leave the fleet unmanaged.
+                log.exception("scaler tick failed; trying again in %g s", self.interval_s)
+            self.stopped.wait(self.interval_s)
         with contextlib.suppress(RedisError):
             self.lock.release()
 
@@ -102,25 +113,22 @@ class ControlLoop:
         """Ask the loop to end after this tick."""
         self.stopped.set()
 
-    def tick(self) -> Decision | None:
-        """One control step; None when another scaler holds the lock."""
+    def tick(self) -> dict[str, Decision] | None:
+        """One control step over every pool; None when another scaler holds the lock."""
         if not self._hold_lock():
             return None
         self.recovery.offer()
-        handles = self.backend.list_workers()
-        current = sum(1 for h in handles if not h.stopping)
-        reading = self._read(handles)
-        decision, self.state = decide(reading, current, self.state, self.config, time.time())
+        steps = [step for pool in self.pools if (step := self._decide(pool)) is not None]
         if not self.lock.still_held():
-            log.warning("lost the scaler lock during the tick; not applying %s", decision)
+            log.warning("lost the scaler lock during the tick; applying none of its decisions")
             self.holding = False
             return None
-        self._apply(decision, current)
-        status = ScalerStatus(
-            current=current, desired=decision.desired, reason=decision.reason, at=time.time()
-        )
-        heartbeats.publish_scaler(self.redis, status, ttl_s=self.lock.ttl_ms / 1000)
-        return decision
+        for step in steps:
+            self._apply(step)
+        now = time.time()
+        statuses = {step.pool.model: step.status(now) for step in steps}
+        heartbeats.publish_scaler(self.redis, statuses, ttl_s=self.lock.ttl_ms / 1000)
+        return {step.pool.model: step.decision for step in steps}
 
     def _hold_lock(self) -> bool:
         """Take or renew the lock, logging only when that changes (ticks are frequent)."""
@@ -133,17 +141,47 @@ class ControlLoop:
         self.holding = held
         return held
 
-    def _read(self, handles: list[WorkerHandle]) -> Signals | None:
+    def _decide(self, pool: Pool) -> Step | None:
+        """The pool's decision this tick; None when its backend cannot list its workers."""
         try:
-            return signals.read(self.redis, self.reading, handles)
+            handles = pool.backend.list_workers()
+        except Exception:
+            # One pool's backend failing (an API call timing out) leaves the others managed.
+            log.exception("pool %s: cannot list its workers; left as it is this tick", pool.model)
+            return None
+        current = sum(1 for h in handles if not h.stopping)
+        reading = self._read(pool, handles)
+        decision, pool.state = decide(reading, current, pool.state, pool.config, time.time())
+        return Step(pool, current, decision)
+
+    def _read(self, pool: Pool, handles: list[WorkerHandle]) -> Signals | None:
+        try:
+            return signals.read(self.redis, pool.reading, handles)
         except RedisError as e:
-            log.warning("cannot read signals: %s", e)
+            log.warning("pool %s: cannot read signals: %s", pool.model, e)
             return None
 
-    def _apply(self, decision: Decision, current: int) -> None:
-        if decision.desired > current:
-            log.info("scale up %d -> %d: %s", current, decision.desired, decision.reason)
-            self.backend.add(decision.desired - current)
-        for worker_id in decision.remove:
-            log.info("scale down %d -> %d: %s", current, decision.desired, decision.reason)
-            self.backend.drain(worker_id)
+    def _apply(self, step: Step) -> None:
+        pool, current, decision = step.pool, step.current, step.decision
+        try:
+            if decision.desired > current:
+                log.info(
+                    "pool %s: scale up %d -> %d: %s",
+                    pool.model,
+                    current,
+                    decision.desired,
+                    decision.reason,
+                )
+                pool.backend.add(decision.desired - current)
+            for worker_id in decision.remove:
+                log.info(
+                    "pool %s: scale down %d -> %d: %s",
+                    pool.model,
+                    current,
+                    decision.desired,
+                    decision.reason,
+                )
+                pool.backend.drain(worker_id)
+        except Exception:
+            # A launch that failed is tried again next tick, when the count is still short.
+            log.exception("pool %s: applying %s failed", pool.model, decision)

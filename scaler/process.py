@@ -1,4 +1,4 @@
-"""The `process` backend: local `python -m worker` processes, one per GPU when there are GPUs."""
+"""The `process` backend: local `python -m worker` processes of any model, one per GPU if any."""
 
 from __future__ import annotations
 
@@ -25,43 +25,62 @@ class Spawned:
     """One worker process this backend started."""
 
     name: str
+    model: str
     process: subprocess.Popen[bytes]
     gpu: str | None
     stopping: bool = False
 
 
 class ProcessBackend:
-    """Starts, drains and reaps worker processes on this machine."""
+    """Starts, drains and reaps worker processes on this machine, each serving one model.
 
-    def __init__(self, env: dict[str, str], gpus: Sequence[str] = (), prefix: str = "dq-worker"):
-        self.env = env
+    Every model's pool drives its own share (`pool(model)`); GPUs are handed out across all of
+    them, so two models' workers never share a GPU while one is free.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        gpus: Sequence[str] = (),
+        prefix: str = "dq-worker",
+        command: Sequence[str] = (sys.executable, "-m", "worker"),  # `--name NAME` is added
+    ) -> None:
+        self.env, self.command = env, list(command)
         self.gpus = list(gpus)
         self.prefix, self.host = f"{prefix}-{os.getpid()}", socket.gethostname()
         self.spawned: dict[str, Spawned] = {}
         self.counter = 0
 
-    def list_workers(self) -> list[WorkerHandle]:
-        """Workers still running (those that exited are reaped here)."""
-        self._reap()
-        return [WorkerHandle(s.name, s.name, s.stopping) for s in self.spawned.values()]
+    def pool(self, model: str) -> ModelProcesses:
+        """The workers of one model, as the backend its pool drives."""
+        return ModelProcesses(self, model)
 
-    def add(self, n: int) -> None:
-        """Start `n` workers, each on a GPU no other live worker holds (when there are GPUs)."""
+    def workers(self, model: str) -> list[WorkerHandle]:
+        """A model's workers still running (those that exited, of any model, are reaped here)."""
+        self._reap()
+        return [
+            WorkerHandle(s.name, s.name, s.stopping)
+            for s in self.spawned.values()
+            if s.model == model
+        ]
+
+    def start(self, model: str, n: int) -> None:
+        """Start `n` workers of `model`, each on a GPU no other live worker holds (if any)."""
         for _ in range(n):
             self.counter += 1
             # Celery names a node `celery@NAME` unless NAME has an `@`; the worker's heartbeat
             # carries the node name, and the scaler joins heartbeats to processes by it.
-            name = f"{self.prefix}-{self.counter}@{self.host}"
+            name = f"{self.prefix}-{model}-{self.counter}@{self.host}"
             gpu = self._free_gpu()
-            env = dict(self.env)
+            env = {**self.env, "DQ_WORKER_MODEL": model}
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
-            argv = [sys.executable, "-m", "worker", "--name", name]
+            argv = [*self.command, "--name", name]
             # A session of its own: Ctrl-C reaches the scaler, which drains the workers in turn.
             process = subprocess.Popen(
                 argv, env=env, start_new_session=True, preexec_fn=_drain_when_orphaned(os.getpid())
             )
-            self.spawned[name] = Spawned(name, process, gpu)
+            self.spawned[name] = Spawned(name, model, process, gpu)
             log.info("started worker %s (pid %d, gpu %s)", name, process.pid, gpu or "none")
 
     def drain(self, worker_id: str) -> None:
@@ -104,6 +123,25 @@ class ProcessBackend:
                     logging.INFO if spawned.stopping else logging.WARNING, "worker %s %s", name, how
                 )
                 del self.spawned[name]
+
+
+class ModelProcesses:
+    """One model's share of the processes: the backend of that model's pool."""
+
+    def __init__(self, processes: ProcessBackend, model: str) -> None:
+        self.processes, self.model = processes, model
+
+    def list_workers(self) -> list[WorkerHandle]:
+        """This model's workers running or draining."""
+        return self.processes.workers(self.model)
+
+    def add(self, n: int) -> None:
+        """Start `n` more workers of this model."""
+        self.processes.start(self.model, n)
+
+    def drain(self, worker_id: str) -> None:
+        """Drain one of them."""
+        self.processes.drain(worker_id)
 
 
 def _drain_when_orphaned(parent: int) -> Callable[[], None] | None:

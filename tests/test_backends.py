@@ -21,7 +21,17 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from core.errors import ConfigError
-from scaler.backends import DELETION_COST, DockerBackend, KubernetesBackend, WorkerHandle
+from core.settings import Settings
+from scaler.__main__ import backends_of
+from scaler.backends import (
+    DELETION_COST,
+    NUMBER,
+    SERVICE,
+    DockerBackend,
+    KubernetesBackend,
+    WorkerHandle,
+)
+from scaler.pools import named
 
 docker = pytest.importorskip("docker")
 kubernetes = pytest.importorskip("kubernetes")
@@ -118,13 +128,18 @@ API = r"/v1\.45"
 
 
 def docker_routes(
-    containers: list[dict[str, Any]], stop_gate: threading.Event
+    containers: list[dict[str, Any]],
+    stop_gate: threading.Event,
+    inspect: dict[str, Any] | None = None,
 ) -> dict[tuple[str, str], Route]:
-    inspect = recorded("docker_inspect.json")
+    inspect = inspect or recorded("docker_inspect.json")
 
     def listing(call: Call, _: re.Match[str]) -> Reply:
         every = call.query.get("all") == ["1"]
-        return 200, [c for c in containers if every or c["State"] == "running"]
+        # The engine keeps the containers carrying every label the filter names.
+        wanted = json.loads(call.query.get("filters", ["{}"])[0]).get("label", [])
+        labelled = [c for c in containers if all(_has(c["Labels"], label) for label in wanted)]
+        return 200, [c for c in labelled if every or c["State"] == "running"]
 
     def created(call: Call, _: re.Match[str]) -> Reply:
         number = call.query["name"][0].rsplit("-", 1)[1]
@@ -144,6 +159,11 @@ def docker_routes(
         ("POST", API + r"/containers/(\w+)/stop"): stopped,
         ("DELETE", API + r"/containers/(\w+)"): lambda c, m: (204, None),
     }
+
+
+def _has(labels: dict[str, str], label: str) -> bool:
+    key, _, value = label.partition("=")
+    return labels.get(key) == value
 
 
 @pytest.fixture
@@ -272,6 +292,46 @@ def test_docker_drain_keeps_the_last_replica_as_the_template(stop_gate: threadin
     assert fake.requests("DELETE") == []
 
 
+def two_services() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The recorded replicas as one of service worker-sd15 (W1) and one of worker-sdxl (W2)."""
+    containers, inspect = recorded("docker_containers.json"), recorded("docker_inspect.json")
+    for summary in containers:
+        model = "sd15" if summary["Id"] == W1 else "sdxl"
+        for labels in (summary["Labels"], inspect[summary["Id"]]["Config"]["Labels"]):
+            labels |= {SERVICE: f"worker-{model}", NUMBER: "1"}
+        inspect[summary["Id"]]["Config"]["Env"].append(f"DQ_WORKER_MODEL={model}")
+    return containers, inspect
+
+
+def test_docker_pools_scale_a_service_per_model(
+    stop_gate: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    containers, inspect = two_services()
+    with FakeApi(docker_routes(containers, stop_gate, inspect)) as fake:
+        # The scaler's own construction: DQ_SCALER_DOCKER_SERVICE, docker.from_env().
+        monkeypatch.setenv("DOCKER_HOST", fake.url.replace("http://", "tcp://"))
+        settings = Settings(scaler_docker_service="worker-{model}")
+        backend_for, pattern, processes = backends_of("docker", settings)
+        sd15, sdxl = backend_for("sd15"), backend_for("sdxl")
+        assert (pattern, processes) == ("worker-{model}", None)
+        assert sd15.list_workers() == [WorkerHandle(W1, W1[:12])]
+        assert sdxl.list_workers() == [WorkerHandle(W2, W2[:12])]
+        sd15.add(1)
+        sdxl.drain(W2)  # its service's last container: kept, stopped, as sdxl's template
+        assert isinstance(sdxl, DockerBackend)
+        sdxl.wait_drained(5)
+    ((name, body),) = creates(fake)
+    assert name == "diffusion-queue-worker-sd15-2"
+    assert body["Labels"][SERVICE] == "worker-sd15"
+    assert body["Labels"][NUMBER] == "2"
+    assert "DQ_WORKER_MODEL=sd15" in body["Env"]
+    assert body["NetworkingConfig"]["EndpointsConfig"] == {
+        "diffusion-queue_default": {"Aliases": ["worker-sd15"]}
+    }
+    assert ("POST", f"/v1.45/containers/{W2}/stop") in fake.requests("POST")
+    assert fake.requests("DELETE") == []
+
+
 # --- Kubernetes -------------------------------------------------------------------------------
 
 SCALE = "/apis/apps/v1/namespaces/dq/deployments/dq-worker/scale"
@@ -374,4 +434,68 @@ def test_k8s_drain_unmarks_the_pod_when_scaling_is_refused() -> None:
     assert marks == [
         {"metadata": {"annotations": {DELETION_COST: "-1000"}}},
         {"metadata": {"annotations": {DELETION_COST: None}}},
+    ]
+
+
+class ModelCluster:
+    """Two models' worker Deployments, dq-worker-sd15 (2 pods) and dq-worker-sdxl (none yet)."""
+
+    def __init__(self) -> None:
+        pods = recorded("k8s_pods.json")
+        self.scales: dict[str, dict[str, Any]] = {}
+        for model, replicas in (("sd15", 2), ("sdxl", 0)):
+            scale = copy.deepcopy(recorded("k8s_scale.json"))
+            scale["metadata"]["name"] = f"dq-worker-{model}"
+            scale["spec"]["replicas"] = scale["status"]["replicas"] = replicas
+            scale["status"]["selector"] += f",diffusion-queue/model={model}"
+            self.scales[model] = scale
+        self.pods = copy.deepcopy(pods)
+        for pod in self.pods["items"]:
+            pod["metadata"]["labels"]["diffusion-queue/model"] = "sd15"
+
+    def routes(self) -> dict[tuple[str, str], Route]:
+        scale = r"/apis/apps/v1/namespaces/dq/deployments/dq-worker-([\w-]+)/scale"
+        return {
+            ("GET", scale): lambda c, m: (200, self.scales[m[1]]),
+            ("PATCH", scale): self.patch_scale,
+            ("GET", PODS): self.list_pods,
+            ("PATCH", PODS + r"/([\w-]+)"): lambda c, m: (200, self.pods["items"][0]),
+        }
+
+    def patch_scale(self, call: Call, match: re.Match[str]) -> Reply:
+        self.scales[match[1]]["spec"]["replicas"] = call.body["spec"]["replicas"]
+        return 200, self.scales[match[1]]
+
+    def list_pods(self, call: Call, _: re.Match[str]) -> Reply:
+        """Pods matching an equality-based selector, as the API server filters them."""
+        wanted = call.query["labelSelector"][0].split(",")
+        items = [
+            p for p in self.pods["items"] if all(_has(p["metadata"]["labels"], w) for w in wanted)
+        ]
+        return 200, self.pods | {"items": items}
+
+
+def test_k8s_pools_scale_a_deployment_per_model() -> None:
+    cluster = ModelCluster()
+    with FakeApi(cluster.routes()) as fake:
+        configuration = kubernetes.client.Configuration()
+        configuration.host = fake.url
+        api_client = kubernetes.client.ApiClient(configuration)
+        sd15, sdxl = (
+            KubernetesBackend(named("dq-worker-{model}", m), "dq", api_client=api_client)
+            for m in ("sd15", "sdxl")
+        )
+        assert [h.id for h in sd15.list_workers()] == [
+            "dq-worker-7d9c5b8f6-4kx2p",
+            "dq-worker-7d9c5b8f6-9zq7m",
+            "dq-worker-7d9c5b8f6-h5w8r",
+        ]
+        assert sdxl.list_workers() == []
+        sdxl.add(1)
+        sd15.drain("dq-worker-7d9c5b8f6-4kx2p")
+    assert {m: s["spec"]["replicas"] for m, s in cluster.scales.items()} == {"sd15": 1, "sdxl": 1}
+    patched = [(c.path, c.body) for c in fake.calls if c.method == "PATCH" and "scale" in c.path]
+    assert patched == [
+        ("/apis/apps/v1/namespaces/dq/deployments/dq-worker-sdxl/scale", {"spec": {"replicas": 1}}),
+        ("/apis/apps/v1/namespaces/dq/deployments/dq-worker-sd15/scale", {"spec": {"replicas": 1}}),
     ]

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
@@ -21,8 +22,10 @@ import redis
 import yaml
 
 from core import heartbeats
+from core.catalog import Catalog, load_catalog
 from core.heartbeats import WorkerBeat, WorkerState
 from core.settings import Settings
+from scaler.pools import named, pooled
 from tests.conftest import ROOT
 from tests.test_alerts import METRICS, find_promtool, metrics_in, run_promtool
 
@@ -206,13 +209,34 @@ def test_the_scaler_runs_as_the_bound_account_on_the_worker_deployment() -> None
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "dq"}]
     assert account in objects("ServiceAccount")
-    target = env_of(scaler)["DQ_SCALER_K8S_DEPLOYMENT"]["value"]
-    assert target in workers()
-    assert objects("Role")["dq-scaler"]["rules"][0]["resourceNames"] == [target]
+    # A pool per catalog model, each one worker Deployment: the Role names exactly those.
+    targets = [named(scaler_pattern(), m) for m in pooled(shipped_catalog(), "", scaler_pattern())]
+    assert sorted(targets) == sorted(workers())
+    assert objects("Role")["dq-scaler"]["rules"][0]["resourceNames"] == targets
     assert env_of(scaler)["DQ_SCALER_K8S_NAMESPACE"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "metadata.namespace"}
     }
     assert container(scaler)["args"][-2:] == ["--backend", "kubernetes"]
+
+
+def scaler_pattern() -> str:
+    """The scaler's DQ_SCALER_K8S_DEPLOYMENT."""
+    return str(env_of(objects("Deployment")["dq-scaler"])["DQ_SCALER_K8S_DEPLOYMENT"]["value"])
+
+
+def shipped_catalog() -> Catalog:
+    """The catalog in ConfigMap dq-models, read by the loader the scaler uses."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "models.toml"
+        path.write_text(objects("ConfigMap")["dq-models"]["data"]["models.toml"])
+        return load_catalog(path, Settings())
+
+
+def test_each_catalog_model_has_its_pool_bounds_for_the_scaler() -> None:
+    catalog = shipped_catalog()
+    for name, spec in catalog.models.items():
+        assert 0 <= spec.min_workers <= spec.max_workers, name
+        assert f"dq-worker-{name}" in workers(), f"model {name} has no worker Deployment"
 
 
 def test_only_the_scaler_gets_an_api_token() -> None:
@@ -287,15 +311,17 @@ def test_the_model_catalog_is_mounted_where_dq_models_points_and_names_each_mode
     catalog_map = objects("ConfigMap")["dq-models"]
     path = Path(config["DQ_MODELS"])
     catalog = tomllib.loads(catalog_map["data"][path.name])
-    for name, deployment in workers().items():
+    readers = workers() | {"dq-scaler": objects("Deployment")["dq-scaler"]}
+    for name, deployment in readers.items():
         mounts = {m["name"]: m["mountPath"] for m in container(deployment)["volumeMounts"]}
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
         (volume,) = [
             v for v, spec in volumes.items() if spec.get("configMap") == {"name": "dq-models"}
         ]
         assert mounts[volume] == str(path.parent), name
-        model = env_of(deployment)["DQ_WORKER_MODEL"]["value"]
-        assert model in catalog.get("models", catalog), f"{model} is not in the catalog"
+        if name in workers():
+            model = env_of(deployment)["DQ_WORKER_MODEL"]["value"]
+            assert model in catalog.get("models", catalog), f"{model} is not in the catalog"
 
 
 def probe_commands(deployment: dict[str, Any]) -> dict[str, list[str]]:

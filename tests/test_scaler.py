@@ -30,6 +30,7 @@ from scaler import signals
 from scaler.backends import WorkerHandle
 from scaler.loop import ControlLoop, Lock
 from scaler.policy import PolicyConfig, Signals, WorkerInfo
+from scaler.pools import Pool
 from scaler.signals import Reading
 from tests.conftest import (
     ROOT,
@@ -275,18 +276,35 @@ def test_queue_and_metrics_show_the_scalers_decision(
 ) -> None:
     before = client.get("/v1/queue").json()
     metrics_before = client.get("/metrics").text
-    status = ScalerStatus(current=1, desired=3, reason="backlog 24 jobs", at=time.time())
-    heartbeats.publish_scaler(rclient, status, ttl_s=30)
+    now = time.time()
+    pools = {
+        "tiny": ScalerStatus(current=1, desired=3, reason="backlog 24 jobs", at=now),
+        "tiny-sd2": ScalerStatus(current=0, desired=0, reason="backlog 0 jobs", at=now),
+    }
+    heartbeats.publish_scaler(rclient, pools, ttl_s=30)
     after = client.get("/v1/queue").json()
     metrics = client.get("/metrics").text
-    assert before["scaler"] is None
+    heartbeats.publish_scaler(rclient, {"tiny": pools["tiny"]}, ttl_s=30)  # the next tick
+    one = client.get("/v1/queue").json()
+    assert (before["scaler"], before["pools"]) == (None, {})
     assert "dq_scaler_workers" not in metrics_before
     assert after == {
         **before,
-        "scaler": {"current": 1, "desired": 3, "reason": "backlog 24 jobs"},
+        "scaler": {"current": 1, "desired": 3, "reason": "per model: tiny 1->3, tiny-sd2 0->0"},
+        "pools": {
+            "tiny": {"current": 1, "desired": 3, "reason": "backlog 24 jobs"},
+            "tiny-sd2": {"current": 0, "desired": 0, "reason": "backlog 0 jobs"},
+        },
     }
-    assert "dq_scaler_workers_current 1.0" in metrics.splitlines()
-    assert "dq_scaler_workers_desired 3.0" in metrics.splitlines()
+    assert {
+        'dq_scaler_workers_current{model="tiny"} 1.0',
+        'dq_scaler_workers_current{model="tiny-sd2"} 0.0',
+        'dq_scaler_workers_desired{model="tiny"} 3.0',
+        'dq_scaler_workers_desired{model="tiny-sd2"} 0.0',
+    } <= set(metrics.splitlines())
+    tiny = after["pools"]["tiny"]
+    assert one == {**after, "scaler": tiny, "pools": {"tiny": tiny}}
+    assert 0 < rclient.pttl(keys.SCALER_POOLS) <= 30_000
 
 
 def test_dq_scaler_simulate_runs_through_the_cli(tmp_path: Path) -> None:
@@ -399,7 +417,8 @@ def test_a_failing_tick_does_not_stop_the_loop(rclient: redis.Redis, redis_url: 
     store = JobStore(rclient, Ledger.of(settings_from({"DQ_REDIS_URL": redis_url})))
     recovery = Recovery(rclient, store, RecoveryConfig(heartbeat_ttl_s=3))
     config = PolicyConfig(min_workers=2, max_workers=2, interval_s=0.05)
-    loop = ControlLoop(rclient, backend, recovery, config, Reading("m", heartbeat_ttl_s=3))
+    pool = Pool("m", backend, config, Reading("m", heartbeat_ttl_s=3))
+    loop = ControlLoop(rclient, [pool], recovery, config.interval_s)
     runner = threading.Thread(target=loop.run)
     runner.start()
     try:
