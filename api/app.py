@@ -14,6 +14,7 @@ from api.middleware import Gate
 from api.resources import build
 from core.errors import ConfigError
 from core.settings import Settings
+from core.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,18 @@ def check(settings: Settings) -> None:
 def create_app(settings: Settings) -> FastAPI:
     """The gateway app for these settings."""
     check(settings)
+    tracing = Tracing.start("dq-gateway")  # off unless OTEL_* asks for it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.resources = res = build(settings)
+        app.state.resources = res = build(settings, tracing)
         res.watcher.start()
         try:
             yield
         finally:
             await res.watcher.stop()
             await res.redis.aclose()
+            tracing.shutdown()
 
     app = FastAPI(
         title="diffusion-queue",
@@ -60,6 +63,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(uploads.router)
     app.include_router(page.router)
     docs.install(app)
-    instrument(app)
     app.add_middleware(Gate, settings=settings)
+    instrument(app, settings, tracing)  # outermost: requests the gate refuses are counted too
     return app

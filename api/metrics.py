@@ -1,53 +1,462 @@
-"""Prometheus metrics for the gateway."""
+"""The gateway's /metrics: the ledger's metrics read from Redis at scrape time, and its own HTTP
+requests.
+
+The ledger's (jobs, queue, workers, webhooks, reaper, scaler) are counted once per event in
+Redis by whichever process the event happens in (core/metrics.py), workers and the webhook
+sender included, so every gateway replica exports the same values: take `max` across replicas.
+HTTP requests are counted per gateway process; with `python -m api --workers N` the processes
+share them through prometheus_client's multiprocess files, so a scrape of any one of them
+reports all (sum across replicas).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import generate_latest as render
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.resources import Resources
-from core import heartbeats
-from core.heartbeats import ScalerStatus
+from core import keys, metrics
+from core.heartbeats import ScalerStatus, WorkerBeat, WorkerState
+from core.settings import Settings
+from core.tracing import Tracing
+
+log = logging.getLogger(__name__)
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
+HTTP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+UNMATCHED = "(unmatched)"  # the route label of a path no route serves (keeps the label bounded)
+BEAT_SHOWN_S = 300.0  # a silent worker's heartbeat age is shown this long, then it is dropped
+REAPER_ACTIONS = ("requeued", "failed", "redispatched")  # a deadline is the client's, not these
+MAX_DISPATCHED = 1000  # a window holds what the live workers prefetch: far fewer
 
 
-class ScalerGauges:
-    """The scaler's last decision; no samples while no scaler decides (a stale count misleads)."""
+# --- HTTP requests ------------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.status: ScalerStatus | None = None
+
+class HttpMetrics:
+    """Requests by route, method and status, and their duration."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.requests = Counter(
+            "dq_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "dq_http_request_duration_seconds",
+            "HTTP request duration, first byte in to last byte out (long polls and event"
+            " streams included)",
+            ["route", "method"],
+            buckets=HTTP_SECONDS,
+            registry=registry,
+        )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one request."""
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.seconds.labels(route, method),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+class Instruments:
+    """ASGI middleware: counts and times every request by its route template, and with tracing
+    on makes its server span (continuing a `traceparent` the client sent)."""
+
+    def __init__(self, app: ASGIApp, http: HttpMetrics, tracing: Tracing) -> None:
+        self.app, self.http, self.tracing = app, http, tracing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request, counted."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # an exception that escapes becomes a 500 outside this middleware
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        method = scope["method"] if scope["method"] in METHODS else "OTHER"
+        try:
+            if self.tracing.on:
+                await self._traced(scope, receive, sent, method)
+            else:
+                await self.app(scope, receive, sent)
+        finally:
+            self.http.observe(_route(scope), method, status, time.perf_counter() - start)
+
+    async def _traced(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope["headers"]
+            if k in (b"traceparent", b"tracestate")
+        }
+        with self.tracing.span(method, headers=headers, kind="server"):
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.tracing.rename(f"{method} {_route(scope)}")
+
+
+def _route(scope: Scope) -> str:
+    """The template of the route that served the request (Starlette leaves it in the scope)."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or UNMATCHED
+
+
+def http_registry(registry: CollectorRegistry) -> tuple[HttpMetrics, Any]:
+    """The HTTP metrics and what collects them: this process's registry, or every process's
+    files when the gateway runs as several processes."""
+    if os.environ.get(MULTIPROCESS_DIR):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        return HttpMetrics(None), MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+    return HttpMetrics(registry), registry
+
+
+@contextmanager
+def shared_between_processes(processes: int) -> Iterator[None]:
+    """Let `processes` gateway processes started within share their HTTP counts (a fresh folder
+    of prometheus_client's multiprocess files, removed after; an operator's own is kept)."""
+    if processes < 2 or os.environ.get(MULTIPROCESS_DIR):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="dq-gateway-metrics-")
+    os.environ[MULTIPROCESS_DIR] = folder  # read by prometheus_client as each child imports it
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROCESS_DIR]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- the ledger, read at scrape time ------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """What one scrape read from Redis."""
+
+    now: float
+    counts: dict[str, str] = field(default_factory=dict)  # keys.METRICS
+    stats: dict[str, str] = field(default_factory=dict)  # keys.STATS
+    models: list[str] = field(default_factory=list)
+    queued: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, class) -> jobs
+    oldest: dict[tuple[str, str], float] = field(default_factory=dict)  # -> created, if any
+    waiting_units: dict[tuple[str, str], float] = field(default_factory=dict)
+    beats: list[WorkerBeat] = field(default_factory=list)  # seen within BEAT_SHOWN_S
+    scaler: ScalerStatus | None = None
+
+
+async def read_snapshot(redis: Redis, now: float) -> Snapshot:
+    """Everything the ledger's metrics need, in two round trips (plus the heartbeats')."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(keys.METRICS)
+    pipe.hgetall(keys.STATS)
+    pipe.smembers(keys.MODELS)
+    pipe.get(keys.SCALER_STATUS)
+    pipe.zrangebyscore(keys.WORKERS, now - BEAT_SHOWN_S, "+inf")
+    counts, stats, models, scaler, names = await pipe.execute()
+    snap = Snapshot(now, _texts(counts), _texts(stats), sorted(_text(m) for m in models))
+    snap.scaler = ScalerStatus.model_validate_json(scaler) if scaler else None
+    pipe = redis.pipeline(transaction=False)
+    places = [(m, c) for m in snap.models for c in keys.CLASSES]
+    for m, c in places:
+        pipe.zcard(keys.waiting(m, c))
+        pipe.zrange(keys.waiting(m, c), 0, 0, withscores=True)
+        pipe.hget(keys.queued_units(m, c), "*")
+    for m in snap.models:
+        pipe.zrange(keys.dispatched(m), 0, MAX_DISPATCHED - 1)
+    pipe.mget([keys.worker(_text(n)) for n in names] or ["-"])
+    replies = await pipe.execute()
+    for i, place in enumerate(places):
+        depth, first, units = replies[3 * i : 3 * i + 3]
+        snap.queued[place] = int(depth)
+        snap.waiting_units[place] = float(units or 0)
+        if first:
+            snap.oldest[place] = float(first[0][1])
+    snap.beats = [WorkerBeat.model_validate_json(r) for r in replies[-1] if r]
+    sent = dict(zip(snap.models, replies[3 * len(places) : -1], strict=True))
+    await _count_dispatched(redis, snap, sent)
+    return snap
+
+
+async def _count_dispatched(redis: Redis, snap: Snapshot, sent: Mapping[str, list[Any]]) -> None:
+    """Add the jobs in each model's dispatch window (queued, their message out) to their class."""
+    pipe = redis.pipeline(transaction=False)
+    order = [(m, _text(job)) for m, jobs in sent.items() for job in jobs]
+    for _, job in order:
+        pipe.hget(keys.job(job), "priority")
+    for (m, _), klass in zip(order, await pipe.execute() if order else [], strict=True):
+        place = (m, _text(klass) if klass else "normal")
+        snap.queued[place] = snap.queued.get(place, 0) + 1
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+class Ledger:
+    """The metric families of one snapshot (or their empty selves, when Redis is away)."""
+
+    def __init__(self, settings: Settings, snap: Snapshot | None) -> None:
+        self.settings, self.up = settings, snap is not None
+        self.snap = snap or Snapshot(time.time())
+        self.counts = self.snap.counts
+        self.live_s = settings.heartbeat_s * 3
 
     def collect(self) -> Iterator[Metric]:
-        """The two gauges, when there is a decision to report."""
-        if self.status is None:
-            return
-        yield GaugeMetricFamily(
-            "dq_scaler_workers_current",
-            "Workers running or starting, as the scaler last counted them",
-            value=self.status.current,
+        """Every family of the ledger's metrics."""
+        up = GaugeMetricFamily("dq_redis_up", "1 when this gateway could read Redis at scrape")
+        up.add_metric([], int(self.up))
+        yield up
+        yield from self.jobs()
+        yield from self.queue()
+        yield from self.workers()
+        yield from self.events()
+
+    def fields(self, prefix: str, parts: int) -> Iterator[tuple[list[str], float]]:
+        """The counters named `<prefix>:a:b...` (`parts` labels), with their values."""
+        for name, value in self.counts.items():
+            head, _, rest = name.partition(":")
+            if head == prefix:
+                labels = rest.split(":")
+                if len(labels) == parts:
+                    yield labels, float(value)
+
+    def histogram(self, name: str, key: str, doc: str) -> HistogramMetricFamily:
+        """A histogram of `h:<key>:<model>:<le>` counts and `hs:<key>:<model>` sums."""
+        bounds = metrics.BOUNDS[key]
+        found: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for (k, model, le), n in self.fields("h", 3):
+            if k == key:
+                found[model].append((float(le), n))
+        family = HistogramMetricFamily(name, doc, labels=["model"])
+        for model, buckets in sorted(found.items()):
+            cumulative = [(metrics.le(b), sum(n for at, n in buckets if at <= b)) for b in bounds]
+            total = sum(n for _, n in buckets)
+            observed = float(self.counts.get(f"hs:{key}:{model}", 0))
+            family.add_metric([model], [*cumulative, (metrics.INF, total)], observed)
+        return family
+
+    def jobs(self) -> Iterator[Metric]:
+        """Jobs ended, their times, work served."""
+        finished = CounterMetricFamily(
+            "dq_jobs_finished",
+            "Jobs that ended, by model, status and error code ('' unless failed)",
+            labels=["model", "status", "code"],
         )
-        yield GaugeMetricFamily(
-            "dq_scaler_workers_desired",
-            "Workers the scaler last decided on",
-            value=self.status.desired,
+        for (model, status, code), n in sorted(self.fields("finished", 3)):
+            finished.add_metric([model, status, code], n)
+        yield finished
+        for key, what in [
+            ("queue", "Submit to the start of the attempt that ended it, jobs that started"),
+            ("run", "Start to end of the last attempt, jobs that started"),
+            ("e2e", "Submit to images stored, succeeded jobs"),
+            ("storage", "Pipeline call's return to images stored, succeeded jobs"),
+        ]:
+            yield self.histogram(f"dq_job_{key}_seconds", key, what + " (seconds)")
+        served = CounterMetricFamily(
+            "dq_tenant_units_served",
+            f"Work units of succeeded jobs by tenant (the first {metrics.MAX_TENANTS} tenants"
+            f" served; the others as {metrics.OTHER_TENANT})",
+            labels=["tenant"],
         )
+        for (tenant,), units in sorted(self.fields("served", 1)):
+            served.add_metric([tenant], units)
+        yield served
+
+    def queue(self) -> Iterator[Metric]:
+        """The queue's gauges and dispatches."""
+        snap, stats = self.snap, self.snap.stats
+        queued = GaugeMetricFamily(
+            "dq_jobs_queued",
+            "Jobs queued: waiting in the tenants' lines or handed to the broker, not yet started",
+            labels=["model", "priority"],
+        )
+        oldest = GaugeMetricFamily(
+            "dq_queue_oldest_wait_seconds",
+            "How long the oldest waiting job has waited (0: none waits)",
+            labels=["model", "priority"],
+        )
+        running = GaugeMetricFamily("dq_jobs_running", "Jobs running", labels=["model"])
+        backlog = GaugeMetricFamily(
+            "dq_backlog_units",
+            "Work units waiting, dispatched and running (1 = a guided 512², 25-step image)",
+            labels=["model"],
+        )
+        for model in snap.models:
+            units = 0.0
+            for c in keys.CLASSES:
+                queued.add_metric([model, c], snap.queued.get((model, c), 0))
+                at = snap.oldest.get((model, c))
+                oldest.add_metric([model, c], 0.0 if at is None else max(0.0, snap.now - at))
+                units += snap.waiting_units.get((model, c), 0.0)
+            running.add_metric([model], float(stats.get(f"rjobs:{model}", 0)))
+            flight = float(stats.get(f"dunits:{model}", 0)) + float(stats.get(f"runits:{model}", 0))
+            backlog.add_metric([model], max(0.0, units + flight))
+        yield from (queued, oldest, running, backlog)
+        target = GaugeMetricFamily(
+            "dq_queue_target_wait_seconds", "The wait the scaler aims for (DQ_SCALER_TARGET_WAIT_S)"
+        )
+        target.add_metric([], self.settings.scaler_target_wait_s)
+        yield target
+        dispatches = CounterMetricFamily(
+            "dq_dispatches", "Jobs handed to the broker", labels=["model", "priority"]
+        )
+        for labels, n in sorted(self.fields("dispatches", 2)):
+            dispatches.add_metric(labels, n)
+        yield dispatches
+        limited = CounterMetricFamily(
+            "dq_limit_rejections", "Submits refused by a tenant limit (429)", labels=["limit"]
+        )
+        for labels, n in sorted(self.fields("limited", 1)):
+            limited.add_metric(labels, n)
+        yield limited
+
+    def workers(self) -> Iterator[Metric]:
+        """Each worker's heartbeat, the pools, batches, the scaler."""
+        snap = self.snap
+        rate = GaugeMetricFamily(
+            "dq_worker_images_per_second",
+            "Images per second a live worker measured",
+            labels=["worker", "model"],
+        )
+        state = GaugeMetricFamily(
+            "dq_worker_state",
+            "1 for a live worker's current state",
+            labels=["worker", "model", "state"],
+        )
+        age = GaugeMetricFamily(
+            "dq_worker_heartbeat_age_seconds",
+            f"Seconds since a worker's last heartbeat (shown {BEAT_SHOWN_S:g} s after it stops)",
+            labels=["worker", "model"],
+        )
+        pools: dict[str, dict[str, int]] = {m: {} for m in snap.models}
+        for beat in snap.beats:
+            age.add_metric([beat.name, beat.model], max(0.0, snap.now - beat.at))
+            if not self._live(beat):
+                continue
+            rate.add_metric([beat.name, beat.model], beat.images_per_s or 0.0)
+            for s in WorkerState:
+                state.add_metric([beat.name, beat.model, s.value], int(beat.state is s))
+            pool = pools.setdefault(beat.model, {})
+            pool[beat.state.value] = pool.get(beat.state.value, 0) + 1
+        workers = GaugeMetricFamily(
+            "dq_workers", "Live workers by model and state", labels=["model", "state"]
+        )
+        for model, pool in sorted(pools.items()):
+            for s in WorkerState:
+                workers.add_metric([model, s.value], pool.get(s.value, 0))
+        yield from (rate, state, age, workers)
+        yield self.histogram("dq_batch_size", "batch_size", "Rows per pipeline call")
+        yield self.histogram(
+            "dq_batch_fill_ratio", "batch_fill", "Rows per pipeline call over the most it takes"
+        )
+        yield from scaler_families(snap.scaler)
+
+    def _live(self, beat: WorkerBeat) -> bool:
+        now = self.snap.now
+        return now - beat.at <= self.live_s and beat.loop_fresh(now, self.settings.loop_stale_s)
+
+    def events(self) -> Iterator[Metric]:
+        """Webhook deliveries and the reaper."""
+        deliveries = CounterMetricFamily(
+            "dq_webhook_deliveries",
+            "Webhook attempts logged, by outcome and attempt number (1-5, 6+)",
+            labels=["outcome", "attempt"],
+        )
+        for labels, n in sorted(self.fields("webhook", 2)):
+            deliveries.add_metric(labels, n)
+        yield deliveries
+        reaper = CounterMetricFamily(
+            "dq_reaper_actions",
+            "Jobs the recovery sweep handed back (requeued), dispatched again or failed",
+            labels=["action"],
+        )
+        for (action,), n in sorted(self.fields("reaper", 1)):
+            if action in REAPER_ACTIONS:
+                reaper.add_metric([action], n)
+        yield reaper
 
 
-def instrument(app: FastAPI) -> None:
-    """Expose /metrics with queue and scaler gauges read at scrape time."""
-    registry = CollectorRegistry()
-    queued = Gauge("dq_jobs_queued", "Jobs waiting for a worker", registry=registry)
-    running = Gauge("dq_jobs_running", "Jobs in a running batch", registry=registry)
-    scaler = ScalerGauges()
-    registry.register(scaler)
+def scaler_families(status: ScalerStatus | None) -> Iterable[Metric]:
+    """The scaler's last decision; no samples while no scaler decides (a stale count misleads)."""
+    current = GaugeMetricFamily(
+        "dq_scaler_workers_current",
+        "Workers running or starting, as the scaler last counted them",
+        labels=["model"],
+    )
+    desired = GaugeMetricFamily(
+        "dq_scaler_workers_desired", "Workers the scaler last decided on", labels=["model"]
+    )
+    if status is not None:
+        current.add_metric([status.model], status.current)
+        desired.add_metric([status.model], status.desired)
+    return (current, desired)
+
+
+@dataclass
+class Families:
+    """What one scrape renders: anything with `collect()`."""
+
+    parts: list[Any]
+
+    def collect(self) -> Iterator[Metric]:
+        """Every part's families."""
+        for part in self.parts:
+            yield from part.collect()
+
+
+def instrument(app: FastAPI, settings: Settings, tracing: Tracing) -> None:
+    """Count the app's requests and serve /metrics."""
+    http, http_collector = http_registry(CollectorRegistry(auto_describe=True))
+    app.add_middleware(Instruments, http=http, tracing=tracing)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        resources: Resources = app.state.resources
-        q, r = await resources.jobs.counts()
-        queued.set(q)
-        running.set(r)
-        scaler.status = await heartbeats.scaler_status_async(resources.redis)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def scrape() -> Response:
+        redis: Redis = app.state.resources.redis
+        try:
+            snap: Snapshot | None = await read_snapshot(redis, time.time())
+        except (RedisError, OSError) as e:
+            log.warning("metrics: Redis unavailable (%.200s)", e)
+            snap = None
+        families = Families([Ledger(settings, snap), http_collector])
+        return Response(render(families), media_type=CONTENT_TYPE_LATEST)  # type: ignore[arg-type]

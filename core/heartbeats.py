@@ -142,6 +142,7 @@ class ScalerStatus(BaseModel):
     desired: int
     reason: str
     at: float
+    model: str = ""  # the model whose pool it scales
 
 
 def publish_scaler(redis: Redis, status: ScalerStatus, ttl_s: float) -> None:

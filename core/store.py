@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from core import keys, scripts
+from core import keys, metrics, scripts
 from core.broker import delivery_message, generate_template, job_queue
 from core.coalesce import ScriptBatcher
 from core.errors import IllegalTransition, UnreadableRecord
@@ -70,6 +70,7 @@ class JobRecord:
     metrics: Metrics = field(default_factory=Metrics)
     worker: str | None = None
     webhook: WebhookSpec | None = None
+    trace: str | None = None  # the W3C traceparent of its submit, when tracing is on
 
 
 def encode(**values: Any) -> dict[str, str]:
@@ -129,6 +130,7 @@ def _decode(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         metrics=model(Metrics, "metrics") or Metrics(),
         worker=raw.get("worker") or None,
         webhook=model(WebhookSpec, "webhook"),
+        trace=raw.get("trace") or None,
     )
 
 
@@ -260,6 +262,9 @@ class Ledger:
         }
         for name in ("attempt", "worker", "lease", "cutoff"):
             table[name] = getattr(change, name)
+        if to.terminal:
+            table |= metrics.ending(change.fields)
+            table["max_tenants"] = metrics.MAX_TENANTS
         # Lua sees JSON null as a value (cjson.null), not as nil: leave absent what is None.
         return json.dumps({k: v for k, v in table.items() if v is not None})
 
@@ -283,6 +288,8 @@ class Ledger:
             units=record.units,
             images=record.request.num_images,
         )
+        if record.trace is not None:
+            fields["trace"] = record.trace
         if record.webhook is not None:
             # The transition script reads the plain list; the API reads the JSON.
             fields["webhook"] = record.webhook.model_dump_json()

@@ -117,7 +117,11 @@ class ControlLoop:
             return None
         self._apply(decision, current)
         status = ScalerStatus(
-            current=current, desired=decision.desired, reason=decision.reason, at=time.time()
+            current=current,
+            desired=decision.desired,
+            reason=decision.reason,
+            at=time.time(),
+            model=self.reading.model,
         )
         heartbeats.publish_scaler(self.redis, status, ttl_s=self.lock.ttl_ms / 1000)
         return decision

@@ -275,18 +275,20 @@ def test_queue_and_metrics_show_the_scalers_decision(
 ) -> None:
     before = client.get("/v1/queue").json()
     metrics_before = client.get("/metrics").text
-    status = ScalerStatus(current=1, desired=3, reason="backlog 24 jobs", at=time.time())
+    status = ScalerStatus(
+        current=1, desired=3, reason="backlog 24 jobs", at=time.time(), model="tiny"
+    )
     heartbeats.publish_scaler(rclient, status, ttl_s=30)
     after = client.get("/v1/queue").json()
     metrics = client.get("/metrics").text
     assert before["scaler"] is None
-    assert "dq_scaler_workers" not in metrics_before
+    assert not [s for s in metrics_before.splitlines() if s.startswith("dq_scaler_workers")]
     assert after == {
         **before,
         "scaler": {"current": 1, "desired": 3, "reason": "backlog 24 jobs"},
     }
-    assert "dq_scaler_workers_current 1.0" in metrics.splitlines()
-    assert "dq_scaler_workers_desired 3.0" in metrics.splitlines()
+    assert 'dq_scaler_workers_current{model="tiny"} 1.0' in metrics.splitlines()
+    assert 'dq_scaler_workers_desired{model="tiny"} 3.0' in metrics.splitlines()
 
 
 def test_dq_scaler_simulate_runs_through_the_cli(tmp_path: Path) -> None:
