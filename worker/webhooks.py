@@ -34,6 +34,7 @@ from core.signing import signature_headers
 from core.storage import ObjectStore, open_store
 from core.store import JobRecord, JobStore, Ledger
 from core.tenants import signing_secrets
+from core.tracing import Tracing
 from core.urlguard import GuardedUrl, HostNotFound, Resolver, UnsafeUrl, check_url, resolve_host
 from core.views import outputs_with_urls, public_job
 from worker.celeryapp import at_least_once, run
@@ -57,9 +58,10 @@ class Sender:
     base_url: str
     rng: random.Random = field(default_factory=random.Random)
     resolve: Resolver = resolve_host
+    tracing: Tracing = field(default_factory=Tracing)  # off unless OTEL_* asks for it
 
 
-def build_sender(settings: Settings) -> Sender:
+def build_sender(settings: Settings, tracing: Tracing | None = None) -> Sender:
     """Connect the sender to Redis and storage."""
     redis = connections.sync_client(settings)
     storage = open_store(
@@ -75,6 +77,7 @@ def build_sender(settings: Settings) -> Sender:
         retries=RetrySchedule(redis, settings.webhook_queue),
         storage=storage,
         base_url=settings.public_url or DEFAULT_PUBLIC_URL,
+        tracing=tracing or Tracing(),
     )
 
 
@@ -95,6 +98,16 @@ def send(sender: Sender, order: DeliveryOrder) -> DeliveryRecord | None:
     if record is None or record.webhook is None:
         log.info("job %s: gone, %s not sent", order.job_id, order.event.value)
         return None
+    attributes = {"dq.job_id": order.job_id, "dq.event": order.event.value}
+    with sender.tracing.span(
+        "dq.webhook", parent=record.trace, kind="client", attributes=attributes
+    ):
+        return attempt_once(sender, order, record)
+
+
+def attempt_once(sender: Sender, order: DeliveryOrder, record: JobRecord) -> DeliveryRecord:
+    """One attempt of a job's event: checked, signed, posted, and its outcome recorded."""
+    assert record.webhook is not None
     if not order.manual and receiver_gone(sender.log.read(order.job_id)):
         return give_up(sender, order, "skipped", "the receiver answered 410 Gone; not sent")
     signers = tenant_secrets(sender, record.tenant)
@@ -136,6 +149,7 @@ def post(
     job = public_job(record, outputs=outputs).model_dump(mode="json", exclude={"webhook"})
     body = payload(order, job, record.tenant)
     headers = signature_headers(signers, order.webhook_id, int(time.time()), body)
+    headers |= sender.tracing.headers()  # the receiver may continue the job's trace
     return deliver(
         target,
         body,
@@ -187,6 +201,9 @@ def settle(
         next_retry_at=to_datetime(due),
     )
     sender.log.append(order.job_id, entry)
+    sender.tracing.note(attempt=order.attempt, outcome=outcome, status_code=attempt.status_code)
+    if outcome not in ("delivered", "gone"):
+        sender.tracing.fail(attempt.error or f"HTTP {attempt.status_code}")
     log.info(
         "job %s: %s %s attempt %d: %s (%s)",
         order.job_id,
@@ -253,7 +270,8 @@ class SenderStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def create(self, worker: Any) -> None:
         """Connect the sender; tasks find it on the app."""
-        worker.app.dq_sender = build_sender(worker.app.dq_settings)
+        tracing = getattr(worker.app, "dq_tracing", None)
+        worker.app.dq_sender = build_sender(worker.app.dq_settings, tracing)
         self.pump = RetryPump(worker.app.dq_sender.retries)
 
     def start(self, worker: Any) -> None:
@@ -292,7 +310,8 @@ def sender_args(settings: Settings, name: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Start a webhook sender on the webhook queue."""
-    run("python -m worker.webhooks", __doc__, create_sender_celery, sender_args, argv)
+    prog = "python -m worker.webhooks"
+    run(prog, __doc__, create_sender_celery, sender_args, argv, service="dq-webhooks")
 
 
 if __name__ == "__main__":
