@@ -22,7 +22,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from core import metrics
+from core import keys, metrics
 from core.embedded import free_port
 from core.jobs import JobStatus
 from core.recovery import Recovery, RecoveryConfig
@@ -37,6 +37,7 @@ from tests.conftest import (
     wait_for,
     wait_until,
 )
+from tests.test_store import claim, record, store_with
 from tests.webhook_parts import Answer, Receiver, SenderProcess, wait_deliveries
 
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
@@ -377,3 +378,41 @@ def check_http(exported: dict[str, list[Sample]], run: Run) -> None:
     assert counted[cancel] == run.canceled
     durations = values(exported["dq_http_request_duration_seconds"], "_count")
     assert durations[key(route="/v1/jobs", method="POST")] == len(run.jobs) + run.rejected
+
+
+# --- the ledger's counts alone (no processes) ----------------------------------------------------
+
+
+def test_tenants_past_the_cap_share_one_series_and_each_end_counts_once(
+    rclient: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "MAX_TENANTS", 2)
+    store = store_with(rclient, margin=10)
+    served: dict[str, float] = {}
+    for tenant in ("ann", "ben", "cat", "dan", "ann"):
+        job_id = submit_to(store, tenant)
+        attempt = claim(store, job_id)
+        done = Change(
+            "finish",
+            job_id,
+            attempt=attempt,
+            worker="w1",
+            to=JobStatus.SUCCEEDED,
+            fields={"finished_at": time.time()},
+        )
+        assert store.change(done).ok
+        assert not store.change(done).ok  # a second write of the same end is refused, uncounted
+        label = tenant if tenant in ("ann", "ben") else metrics.OTHER_TENANT
+        served[label] = served.get(label, 0.0) + store.get(job_id).units  # type: ignore[union-attr]
+    counts = rclient.hgetall(keys.METRICS)
+    got = {k[len("served:") :]: float(v) for k, v in counts.items() if k.startswith("served:")}
+    assert got == pytest.approx(served)
+    assert counts["finished:m:succeeded:"] == "5"
+    assert sum(int(v) for k, v in counts.items() if k.startswith("h:e2e:m:")) == 5
+
+
+def submit_to(store: JobStore, tenant: str) -> str:
+    """A dispatched job of `tenant`."""
+    rec = record(tenant)
+    assert store.submit(rec).outcome == "created"
+    return rec.id
