@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 HTTP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: no spans
 UNMATCHED = "(unmatched)"  # the route label of a path no route serves (keeps the label bounded)
 BEAT_SHOWN_S = 300.0  # a silent worker's heartbeat age is shown this long, then it is dropped
 REAPER_ACTIONS = ("requeued", "failed", "redispatched")  # a deadline is the client's, not these
@@ -111,7 +112,7 @@ class Instruments:
 
         method = scope["method"] if scope["method"] in METHODS else "OTHER"
         try:
-            if self.tracing.on:
+            if self.tracing.on and scope["path"] not in UNTRACED:
                 await self._traced(scope, receive, sent, method)
             else:
                 await self.app(scope, receive, sent)

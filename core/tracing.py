@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["internal", "server", "client"]
 Attributes = Mapping[str, str | int | float | bool]
+OFF: AbstractContextManager[None] = nullcontext()
 
 
 class TracingSettings(BaseSettings):
@@ -101,7 +102,6 @@ class Tracing:
         if self._provider is not None:
             self._provider.shutdown()
 
-    @contextmanager
     def span(
         self,
         name: str,
@@ -110,12 +110,23 @@ class Tracing:
         headers: Mapping[str, str] | None = None,
         kind: Kind = "internal",
         attributes: Attributes | None = None,
-    ) -> Iterator[None]:
+    ) -> AbstractContextManager[None]:
         """A span around the block, current within it: a child of `parent` (a traceparent), of
         the context in `headers` (an incoming request's), or of the current span."""
         if self._tracer is None:
-            yield
-            return
+            return OFF  # on the submit path: not even a generator is made
+        return self._span(name, parent, headers, kind, attributes)
+
+    @contextmanager
+    def _span(
+        self,
+        name: str,
+        parent: str | None,
+        headers: Mapping[str, str] | None,
+        kind: Kind,
+        attributes: Attributes | None,
+    ) -> Iterator[None]:
+        assert self._tracer is not None
         with self._tracer.start_as_current_span(
             name, context=_context(parent, headers), kind=_kind(kind), attributes=attributes
         ):
