@@ -26,8 +26,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.app import check, create_app
-from api.metrics import shared_between_processes
 from api.protocol import Connections, GatewayProtocol, Limits
+from api.traffic import shared_between_processes
 from core.errors import ConfigError
 from core.launcher import Child, Supervisor, module
 from core.settings import Settings, load_settings
