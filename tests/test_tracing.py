@@ -300,6 +300,7 @@ def test_tracing_is_off_and_imports_nothing_without_otel_variables(
     ("variables", "exporter"),
     [
         ({}, None),
+        ({"otel_exporter_otlp_endpoint": ""}, None),  # compose passes it through, empty
         ({"otel_exporter_otlp_endpoint": "http://collector:4318"}, "otlp"),
         ({"otel_exporter_otlp_traces_endpoint": "http://collector:4318/v1/traces"}, "otlp"),
         ({"otel_traces_exporter": "console"}, "console"),
