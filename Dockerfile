@@ -14,7 +14,7 @@ COPY bench bench
 
 FROM base AS api
 # The gateway never imports torch; install the project without its model dependencies.
-RUN pip install -e ".[scale]"
+RUN pip install -e ".[scale,otel]"
 USER dq
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
@@ -30,7 +30,7 @@ WORKDIR /app
 # CUDA torch first, from PyTorch's own index, so the project's range does not pull another build.
 RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cu128
 COPY --from=base /app /app
-RUN pip install -e ".[model]"
+RUN pip install -e ".[model,otel]"
 RUN useradd --create-home --uid 10001 dq && mkdir -p /models && chown dq /models
 USER dq
 ENV DQ_MODEL_CACHE=/models

@@ -27,6 +27,7 @@ from fastapi import FastAPI
 
 from api.app import check, create_app
 from api.protocol import Connections, GatewayProtocol, Limits
+from api.traffic import shared_between_processes
 from core.errors import ConfigError
 from core.launcher import Child, Supervisor, module
 from core.settings import Settings, load_settings
@@ -171,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             config = uvicorn.Config(**options(settings, args.host, args.port))
             uvicorn.Server(config).run(sockets=[sock])
         elif args.workers > 1 and REUSE_PORT:
-            supervise(args.host, args.port, args.workers)
+            with shared_between_processes(args.workers):  # any process's /metrics counts all
+                supervise(args.host, args.port, args.workers)
         else:
-            uvicorn.run(**options(settings, args.host, args.port), workers=args.workers)
+            with shared_between_processes(args.workers):
+                uvicorn.run(**options(settings, args.host, args.port), workers=args.workers)
     except ConfigError as e:
         print(f"dq api: {e.message}")
         return 2

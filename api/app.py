@@ -15,6 +15,7 @@ from api.resources import build
 from api.sweeps import Sweeps
 from core.errors import ConfigError
 from core.settings import Settings
+from core.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,11 @@ def check(settings: Settings) -> None:
 def create_app(settings: Settings) -> FastAPI:
     """The gateway app for these settings."""
     check(settings)
+    tracing = Tracing.start("dq-gateway")  # off unless OTEL_* asks for it
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.resources = res = build(settings)
+        app.state.resources = res = build(settings, tracing)
         res.watcher.start()
         sweeps = Sweeps(settings, res.storage)
         sweeps.start()
@@ -46,6 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
             await sweeps.stop()
             await res.watcher.stop()
             await res.redis.aclose()
+            tracing.shutdown()
 
     app = FastAPI(
         title="diffusion-queue",
@@ -65,6 +68,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(page.router)
     docs.install(app)
-    instrument(app)
     app.add_middleware(Gate, settings=settings)
+    instrument(app, settings, tracing)  # outermost: requests the gate refuses are counted too
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
@@ -18,6 +18,7 @@ from core.settings import Settings
 from core.storage import FileStore, S3Store, open_store
 from core.store import AsyncJobStore, Ledger
 from core.tenants import AsyncKeyStore, TenantLimits, static_identities
+from core.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,10 @@ class Resources:
     throughput: Throughput  # the workers' images/s and units/s, for queue ETAs
     catalog: Catalog  # the models served, their limits and defaults, and the LoRAs
     limiter: Limiter  # rate limits kept in Redis (webhook redeliveries)
+    tracing: Tracing = field(default_factory=Tracing)  # off unless OTEL_* asks for it
 
 
-def build(settings: Settings) -> Resources:
+def build(settings: Settings, tracing: Tracing | None = None) -> Resources:
     """Connect everything the gateway needs."""
     redis = connections.async_client(settings, max_connections=512)
     static = static_identities(settings)
@@ -121,4 +123,15 @@ def build(settings: Settings) -> Resources:
     watcher.on_keys = keys_.changed
     catalog = Catalog.from_settings(settings)
     limiter = Limiter(redis)
-    return Resources(settings, redis, jobs, storage, keys_, watcher, throughput, catalog, limiter)
+    return Resources(
+        settings,
+        redis,
+        jobs,
+        storage,
+        keys_,
+        watcher,
+        throughput,
+        catalog,
+        limiter,
+        tracing or Tracing(),
+    )

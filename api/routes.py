@@ -191,13 +191,15 @@ async def submit(
         units=seeded.units,
         metrics=Metrics(),
         webhook=request.webhook,
+        trace=res.tracing.traceparent(),  # the job's later spans continue this request's trace
     )
     idem = None
     if idempotency_key:
         idem = (keys.idempotency(tenant, idempotency_key), f"{record.id} {fingerprint(request)}")
-    admission = await res.jobs.submit(
-        record, limits=limits.admission(), idempotency=idem, deadline=record.deadline_at
-    )
+    with res.tracing.span("dq.admission", attributes={"dq.job_id": record.id}):
+        admission = await res.jobs.submit(
+            record, limits=limits.admission(), idempotency=idem, deadline=record.deadline_at
+        )
     if admission.outcome == "full":
         raise Unavailable("the queue is full; retry later", retry_after_s=10, code="queue_full")
     if admission.outcome == "limited":

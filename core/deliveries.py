@@ -11,7 +11,7 @@ from __future__ import annotations
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from core import keys
+from core import keys, metrics
 from core.broker import delivery_message
 from core.events import DeliveryOrder, DeliveryRecord
 
@@ -40,12 +40,14 @@ class DeliveryLog:
         self.ttl_s = ttl_s
 
     def append(self, job_id: str, record: DeliveryRecord) -> None:
-        """Record one attempt, keeping the newest LOG_LIMIT, expiring with the job."""
+        """Record one attempt, keeping the newest LOG_LIMIT, expiring with the job; and count it
+        (in the same step: the metrics match the logs)."""
         key = keys.webhook_log(job_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.rpush(key, record.model_dump_json())
         pipe.ltrim(key, -LOG_LIMIT, -1)
         pipe.expire(key, self.ttl_s)
+        pipe.hincrby(keys.METRICS, metrics.delivery_field(record.outcome, record.attempt), 1)
         pipe.execute()
 
     def read(self, job_id: str) -> list[DeliveryRecord]:

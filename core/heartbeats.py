@@ -143,6 +143,7 @@ class ScalerStatus(BaseModel):
     desired: int
     reason: str
     at: float
+    model: str = ""  # the model whose pool it scales
 
 
 def publish_scaler(redis: Redis, statuses: Mapping[str, ScalerStatus], ttl_s: float) -> None:
@@ -156,18 +157,18 @@ def publish_scaler(redis: Redis, statuses: Mapping[str, ScalerStatus], ttl_s: fl
     pipe.execute()
 
 
-def _statuses(raw: Mapping[str | bytes, str | bytes]) -> dict[str, ScalerStatus]:
+def statuses_of(raw: Mapping[str | bytes, str | bytes]) -> dict[str, ScalerStatus]:
     return {str(m): ScalerStatus.model_validate_json(v) for m, v in sorted(raw.items())}
 
 
 def scaler_statuses(redis: Redis) -> dict[str, ScalerStatus]:
     """Each pool's last decision, by model; empty when no scaler published one lately."""
-    return _statuses(redis.hgetall(keys.SCALER_POOLS))
+    return statuses_of(redis.hgetall(keys.SCALER_POOLS))
 
 
 async def scaler_statuses_async(redis: AsyncRedis) -> dict[str, ScalerStatus]:
     """Each pool's last decision, by model, for the gateway."""
-    return _statuses(await redis.hgetall(keys.SCALER_POOLS))
+    return statuses_of(await redis.hgetall(keys.SCALER_POOLS))
 
 
 def fleet_status(statuses: Mapping[str, ScalerStatus]) -> ScalerStatus | None:

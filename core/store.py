@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from core import keys, scripts
+from core import keys, metrics, scripts
 from core.broker import delivery_message, generate_template, job_queue
 from core.coalesce import ScriptBatcher
 from core.errors import IllegalTransition, UnreadableRecord
@@ -74,6 +74,7 @@ class JobRecord:
     deadline_at: float | None = None
     expires_at: float | None = None  # set when the job ends
     deleted: bool = False  # a tombstone: deleted by its owner, gone for good shortly
+    trace: str | None = None  # the W3C traceparent of its submit, when tracing is on
 
 
 def encode(**values: Any) -> dict[str, str]:
@@ -136,6 +137,7 @@ def _decode(job_id: str, raw: Mapping[str, str]) -> JobRecord:
         deadline_at=_opt_float(raw.get("deadline_at")),
         expires_at=_opt_float(raw.get("expires_at")),
         deleted=bool(raw.get("deleted_at")),
+        trace=raw.get("trace") or None,
     )
 
 
@@ -267,6 +269,9 @@ class Ledger:
         }
         for name in ("attempt", "worker", "lease", "cutoff"):
             table[name] = getattr(change, name)
+        if to.terminal:
+            table |= metrics.ending(change.fields)
+            table["max_tenants"] = metrics.MAX_TENANTS
         # Lua sees JSON null as a value (cjson.null), not as nil: leave absent what is None.
         return json.dumps({k: v for k, v in table.items() if v is not None})
 
@@ -291,6 +296,8 @@ class Ledger:
             images=record.request.num_images,
             deadline_at=deadline,
         )
+        if record.trace is not None:
+            fields["trace"] = record.trace
         if record.webhook is not None:
             # The transition script reads the plain list; the API reads the JSON.
             fields["webhook"] = record.webhook.model_dump_json()

@@ -247,9 +247,6 @@ def test_the_gateway_exports_nothing_outside_the_list(metrics_text: str) -> None
         assert METRICS[name][0] == kind, family
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the gateway's metrics land with the operations issue; drop this mark then"
-)
 def test_the_gateway_exports_everything_on_the_list(metrics_text: str) -> None:
     families = exported_families(metrics_text)
     exported = {

@@ -135,7 +135,7 @@ def test_health_readiness_docs_and_metrics(client: httpx.Client) -> None:
     assert "/v1/jobs" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
     client.post("/v1/jobs", json=GOOD)
-    assert "dq_jobs_queued 1.0" in client.get("/metrics").text
+    assert 'dq_jobs_queued{model="tiny",priority="normal"} 1.0' in client.get("/metrics").text
     assert client.get("/v1/queue").json()["queued"] == 1
 
 

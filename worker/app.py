@@ -24,6 +24,7 @@ from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings
 from core.storage import open_store
 from core.store import JobStore, Ledger
+from core.tracing import Tracing
 from worker.batch import BatchContext
 from worker.batcher import Limits
 from worker.celeryapp import at_least_once
@@ -107,7 +108,8 @@ class BatchingStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def create(self, worker: Any) -> None:
         """Build the runner (cheap); the model loads in its own thread at start."""
         settings: Settings = worker.app.dq_settings
-        worker.dq_runner = build_runner(settings, worker.hostname)
+        tracing = getattr(worker.app, "dq_tracing", None) or Tracing()
+        worker.dq_runner = build_runner(settings, worker.hostname, tracing)
         self.runner = worker.dq_runner
 
     def start(self, worker: Any) -> None:
@@ -130,7 +132,7 @@ def served(settings: Settings) -> str:
     return worker_model(settings, Catalog.from_settings(settings))
 
 
-def build_runner(settings: Settings, name: str) -> Runner:
+def build_runner(settings: Settings, name: str, tracing: Tracing | None = None) -> Runner:
     """Connect the runner to Redis, the ledger and storage; it loads the model itself."""
     catalog = Catalog.from_settings(settings)
     model = worker_model(settings, catalog)
@@ -175,6 +177,7 @@ def build_runner(settings: Settings, name: str) -> Runner:
             inputs=InputLoader(InputLimits.of(settings), storage, prefix),
             resize=catalog.get(model).input_resize,
             max_run_s=catalog.get(model).max_run_s,
+            tracing=tracing or Tracing(),
         )
 
     supervision = Supervision(

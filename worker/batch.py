@@ -22,8 +22,10 @@ from core.errors import StorageError
 from core.jobs import Bucket, ErrorInfo, JobStatus, Metrics, Progress, StoredImage
 from core.storage import CONTENT_TYPES, ObjectStore, image_key, job_folder, put_with_retries
 from core.store import Applied, Change, JobRecord, JobStore
+from core.tracing import Tracing
 from worker.inference import Row, StepHook
 from worker.inputs import InputLoader, InputRefused, Inputs, prepare_inputs
+from worker.spans import Call, count_calls, job_spans
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class CallInfo:
     batch_id: str
     rows: int
     done_at: float | None = None  # epoch seconds when the pipeline call returned
+    capacity: int = 0  # the most rows one call takes (the call was split beyond it)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class BatchContext:
     max_run_s: float | None = None  # a job running longer fails (run_timeout); None: no limit
     inputs: InputLoader | None = None  # reads img2img and inpaint inputs (None: refuses them)
     resize: Resize = "cover"  # how an input is fitted to the job's size (the model's rule)
+    tracing: Tracing = field(default_factory=Tracing)  # off unless OTEL_* asks for it
 
 
 T = TypeVar("T")
@@ -258,6 +262,8 @@ def fail(ctx: BatchContext, claim_: Claim, code: str, message: str) -> None:
     applied = patiently(ctx, f"failing job {claim_.job_id}", lambda: ctx.store.change(change))
     if not applied.ok:
         _refused(claim_, applied)
+    else:
+        traced(ctx, claim_, change, None)
 
 
 def store_images(ctx: BatchContext, claim_: Claim, images: Sequence[Image]) -> list[StoredImage]:
@@ -338,10 +344,20 @@ def finish(
             done.append(failed(ctx, claim_, "storage_error", "the image could not be stored"))
     applied = patiently(ctx, "recording outcomes", lambda: ctx.store.apply(done))
     for change, outcome in zip(done, applied, strict=True):
+        claim_ = next(c for c in claims if c.job_id == change.job_id)
         if not outcome.ok:
-            _refused(next(c for c in claims if c.job_id == change.job_id), outcome)
+            _refused(claim_, outcome)
             if outcome.before == JobStatus.CANCELED.value:  # canceled (or deleted) meanwhile
                 discard(ctx, change)
+        elif call.done_at is not None:
+            pipeline = Call(call.batch_id, call.rows, call.done_at - run_s, call.done_at)
+            traced(ctx, claim_, change, pipeline)
+
+
+def traced(ctx: BatchContext, claim_: Claim, change: Change, call: Call | None) -> None:
+    """Leave the ended attempt's spans in its job's trace (nothing unless tracing is on)."""
+    attempt = (claim_.attempt, claim_.claimed_at, ctx.worker)
+    job_spans(ctx.tracing, claim_.record, attempt, change.fields, call)
 
 
 @dataclass
@@ -389,7 +405,9 @@ def run_claims(
         return []
     run_s = time.monotonic() - start
     log.info("ran batch of jobs %s: %d image(s) in %.2f s", _ids(claims), len(rows), run_s)
-    call_info = CallInfo(batch_id=uuid.uuid4().hex[:12], rows=len(rows), done_at=time.time())
+    call_info = CallInfo(
+        batch_id=uuid.uuid4().hex[:12], rows=len(rows), done_at=time.time(), capacity=capacity
+    )
     per_job: list[list[Image]] = []
     offset = 0
     for c in claims:
@@ -468,6 +486,7 @@ def store_batch(ctx: BatchContext, ran: Ran) -> None:
     """Store a run batch's images and finish its jobs (a job canceled meanwhile stores nothing)."""
     try:
         for m in ran.made:
+            count_calls(ctx.store.redis, m.claims[0].record.model, m.call.rows, m.call.capacity)
             live = [(c, images) for c, images in zip(m.claims, m.images, strict=True) if c.live]
             finish(ctx, [c for c, _ in live], [images for _, images in live], m.run_s, m.call)
     finally:

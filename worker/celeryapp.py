@@ -16,6 +16,7 @@ from celery import Celery
 
 from core import connections
 from core.settings import Settings, load_settings
+from core.tracing import Tracing
 
 # Library loggers whose warnings print request text: diffusers' pipelines log the part of a prompt
 # past CLIP's 77 tokens (one long request made ~100 KB of log), transformers' tokenizer warns on
@@ -50,8 +51,9 @@ def run(
     build: Callable[[Settings], Celery],
     worker_args: Callable[[Settings, str | None], list[str]],
     argv: list[str] | None = None,
+    service: str = "dq-worker",
 ) -> None:
-    """Parse --name, read settings, configure logging, start the Celery worker."""
+    """Parse --name, read settings, configure logging and tracing, start the Celery worker."""
     parser = argparse.ArgumentParser(prog=prog, description=doc)
     parser.add_argument("--name", default=None, help="worker name (default: unique per process)")
     args = parser.parse_args(argv)
@@ -62,6 +64,11 @@ def run(
     for name in PROMPT_ECHOING_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     common = [f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle"]
-    build(settings).worker_main(
-        ["worker", *worker_args(settings, args.name), *common, "--without-heartbeat"]
-    )
+    app = build(settings)
+    app.dq_tracing = tracing = Tracing.start(service)  # off unless OTEL_* asks for it
+    try:
+        app.worker_main(
+            ["worker", *worker_args(settings, args.name), *common, "--without-heartbeat"]
+        )
+    finally:
+        tracing.shutdown()  # the spans of the last batches

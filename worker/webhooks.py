@@ -34,6 +34,7 @@ from core.signing import signature_headers
 from core.storage import ObjectStore, open_store
 from core.store import JobRecord, JobStore, Ledger
 from core.tenants import signing_secrets
+from core.tracing import Tracing
 from core.urlguard import GuardedUrl, HostNotFound, Resolver, UnsafeUrl, check_url, resolve_host
 from core.views import outputs_with_urls, public_job
 from worker.celeryapp import at_least_once, run
@@ -91,9 +92,10 @@ class Sender:
     rng: random.Random = field(default_factory=random.Random)
     resolve: Resolver = resolve_host
     slots: TenantSlots = field(default_factory=lambda: TenantSlots(2))
+    tracing: Tracing = field(default_factory=Tracing)  # off unless OTEL_* asks for it
 
 
-def build_sender(settings: Settings) -> Sender:
+def build_sender(settings: Settings, tracing: Tracing | None = None) -> Sender:
     """Connect the sender to Redis and storage."""
     redis = connections.sync_client(settings)
     storage = open_store(
@@ -110,6 +112,7 @@ def build_sender(settings: Settings) -> Sender:
         storage=storage,
         base_url=settings.public_url or DEFAULT_PUBLIC_URL,
         slots=TenantSlots(settings.webhook_tenant_concurrency),
+        tracing=tracing or Tracing(),
     )
 
 
@@ -134,14 +137,18 @@ def send(sender: Sender, order: DeliveryOrder) -> DeliveryRecord | None:
     if not sender.slots.take(record.tenant):
         sender.retries.add(order, time.time() + BUSY_RETRY_S)
         return None
+    attributes = {"dq.job_id": order.job_id, "dq.event": order.event.value}
     try:
-        return attempt_once(sender, order, record)
+        with sender.tracing.span(
+            "dq.webhook", parent=record.trace, kind="client", attributes=attributes
+        ):
+            return attempt_once(sender, order, record)
     finally:
         sender.slots.give_back(record.tenant)
 
 
 def attempt_once(sender: Sender, order: DeliveryOrder, record: JobRecord) -> DeliveryRecord:
-    """Check, sign and send one attempt; record it and park the next if there is one."""
+    """One attempt of a job's event: checked, signed, posted, and its outcome recorded."""
     assert record.webhook is not None
     if not order.manual and receiver_gone(sender.log.read(order.job_id)):
         return give_up(sender, order, "skipped", "the receiver answered 410 Gone; not sent")
@@ -184,6 +191,7 @@ def post(
     job = public_job(record, outputs=outputs).model_dump(mode="json", exclude={"webhook"})
     body = payload(order, job, record.tenant)
     headers = signature_headers(signers, order.webhook_id, int(time.time()), body)
+    headers |= sender.tracing.headers()  # the receiver may continue the job's trace
     return deliver(
         target,
         body,
@@ -235,6 +243,9 @@ def settle(
         next_retry_at=to_datetime(due),
     )
     sender.log.append(order.job_id, entry)
+    sender.tracing.note(attempt=order.attempt, outcome=outcome, status_code=attempt.status_code)
+    if outcome not in ("delivered", "gone"):
+        sender.tracing.fail(attempt.error or f"HTTP {attempt.status_code}")
     log.info(
         "job %s: %s %s attempt %d: %s (%s)",
         order.job_id,
@@ -301,7 +312,8 @@ class SenderStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def create(self, worker: Any) -> None:
         """Connect the sender; tasks find it on the app."""
-        worker.app.dq_sender = build_sender(worker.app.dq_settings)
+        tracing = getattr(worker.app, "dq_tracing", None)
+        worker.app.dq_sender = build_sender(worker.app.dq_settings, tracing)
         self.pump = RetryPump(worker.app.dq_sender.retries)
 
     def start(self, worker: Any) -> None:
@@ -340,7 +352,8 @@ def sender_args(settings: Settings, name: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Start a webhook sender on the webhook queue."""
-    run("python -m worker.webhooks", __doc__, create_sender_celery, sender_args, argv)
+    prog = "python -m worker.webhooks"
+    run(prog, __doc__, create_sender_celery, sender_args, argv, service="dq-webhooks")
 
 
 if __name__ == "__main__":

@@ -53,15 +53,61 @@ end
 
 local function count(r, field, n) redis.call('HINCRBY', K.usage(r.tenant), field, n) end
 -- The model's totals in dq:stats: dunits/runits (work units dispatched/running) and images
--- waiting per class (wimages:<model>:<class>), dispatched (dimages) and running (rimages).
+-- waiting per class (wimages:<model>:<class>), dispatched (dimages) and running (rimages), and
+-- the jobs running (rjobs).
 local function add_units(r, where, sign)
   redis.call('HINCRBYFLOAT', K.stats, where .. ':' .. r.model, sign * r.units)
   local images = 'dimages:' .. r.model
-  if where == 'runits' then images = 'rimages:' .. r.model end
+  if where == 'runits' then
+    images = 'rimages:' .. r.model
+    redis.call('HINCRBY', K.stats, 'rjobs:' .. r.model, sign)
+  end
   redis.call('HINCRBY', K.stats, images, sign * r.images)
 end
 local function add_waiting(r, sign)
   redis.call('HINCRBY', K.stats, 'wimages:' .. r.model .. ':' .. r.class, sign * r.images)
+end
+
+-- What a job's end adds to dq:metrics (core/metrics.py reads it): its outcome by error code
+-- (A.code), the work served to its tenant, and its times from the record, bucketed by the bounds
+-- A.le (queue and run for a job that started, end to end for one that succeeded), with the
+-- times only the caller knows (A.obs: {{name, seconds}, ...}).
+local function observe(name, m, value)
+  value = math.max(value, 0)  -- the gateway's and the worker's clocks may differ a little
+  local le = '+Inf'
+  for _, b in ipairs(A.le or {}) do
+    if value <= tonumber(b) then le = b break end
+  end
+  redis.call('HINCRBY', K.metrics, 'h:' .. name .. ':' .. m .. ':' .. le, 1)
+  redis.call('HINCRBYFLOAT', K.metrics, 'hs:' .. name .. ':' .. m, value)
+end
+
+local function serve(r)
+  local field = 'served:' .. r.tenant
+  if redis.call('HEXISTS', K.metrics, field) == 0 then
+    if num(redis.call('HGET', K.metrics, 'served#'), 0) >= (A.max_tenants or 50) then
+      field = 'served:_other'
+    else
+      redis.call('HINCRBY', K.metrics, 'served#', 1)
+    end
+  end
+  redis.call('HINCRBYFLOAT', K.metrics, field, r.units)
+end
+
+local function count_end(r, to)
+  local m = r.model
+  redis.call('HINCRBY', K.metrics, 'finished:' .. m .. ':' .. to .. ':' .. (A.code or ''), 1)
+  local t = redis.call('HMGET', K.job(r.id), 'started_at', 'finished_at')
+  local started, finished = tonumber(t[1]), tonumber(t[2]) or A.now
+  if started then
+    observe('queue', m, started - r.created)
+    observe('run', m, finished - started)
+  end
+  if to == 'succeeded' then
+    observe('e2e', m, finished - r.created)
+    serve(r)
+  end
+  for _, o in ipairs(A.obs or {}) do observe(o[1], m, o[2]) end
 end
 
 -- Into a tenant's line: at its arrival order, or at the front when handed back.

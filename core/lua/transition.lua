@@ -7,6 +7,7 @@
 --   cutoff: refuse unless the lease (running) or the dispatch (dispatched) ended by then.
 --   enter/stay: the webhook event {type, order, message} of entering the status or staying in it.
 --   incr: {{field, n}, ...} added to dq:metrics once, only if the change applies.
+--   code, le, obs, max_tenants: what an end counts (ledger.lua count_end; core/metrics.py).
 -- Returns {outcome ('ok', 'refused', 'missing'), status before, attempt after}.
 local r = read(A.id)
 if not r then return {'missing', '', ''} end
@@ -46,6 +47,7 @@ end
 
 local attempt = r.attempt
 local before = r.status
+local ended = false
 local jk = K.job(r.id)
 if op == 'claim' then
   vacate(r)
@@ -64,6 +66,7 @@ elseif op == 'handback' then
   r.status = 'queued'
   enter_waiting(r, true)
 else  -- a terminal status
+  ended = true
   vacate(r)
   -- Kept for the tenant's retention, at most the deployment's.
   local ttl = math.min(A.ttl, conf(r.tenant, 'retention_s', A.ttl))
@@ -71,9 +74,9 @@ else  -- a terminal status
   redis.call('ZADD', 'dq:expiring', A.now + ttl, r.tenant .. ' ' .. r.id)
   redis.call('ZREM', 'dq:deadlines', r.id)
   redis.call('EXPIRE', jk, math.ceil(ttl))
-  redis.call('HINCRBY', K.metrics, 'finished:' .. r.model .. ':' .. to, 1)
 end
 if A.fields and #A.fields > 0 then redis.call('HSET', jk, unpack(A.fields)) end
+if ended then count_end(r, to) end  -- after the fields: the record's own times
 for _, pair in ipairs(A.incr or {}) do
   redis.call('HINCRBYFLOAT', K.metrics, pair[1], pair[2])
 end
