@@ -58,6 +58,23 @@ class EndlessStep:
         raise RuntimeError("released")
 
 
+class SlowSteps:
+    """An engine taking steps of 0.3 s that stops when told to (as the pipeline does)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.steps = 0
+
+    def generate(self, rows: Sequence[Row], bucket: Bucket, on_step: StepHook) -> list[Image]:
+        """Step until the hook says no one wants the rows, then finish as the pipeline would."""
+        for step in range(1, 60):
+            time.sleep(0.3)
+            self.steps = step
+            if not on_step(step):
+                break
+        return self.engine.generate(rows, bucket, lambda _: True)
+
+
 def wide(rclient: redis.Redis) -> JobStore:
     """A ledger whose window holds every job these tests submit."""
     return JobStore(rclient, Ledger(dispatch=DispatchConfig(margin=50)))
@@ -81,6 +98,41 @@ def test_a_job_larger_than_the_pixel_budget_runs_in_calls_within_it(
     assert (done.status, len(done.outputs)) == (JobStatus.SUCCEEDED, 4)
     # The same seeds as one call of four would have used: seed, seed + 1, ...
     assert [o.seed for o in done.outputs] == [1, 2, 3, 4]
+
+
+def test_a_canceled_call_that_still_steps_is_interrupted_not_abandoned(
+    rclient: redis.Redis, engine: Engine, tmp_path: Path
+) -> None:
+    store = wide(rclient)
+    slow = SlowSteps(engine)
+    exits: list[int] = []
+    runner = Runner(
+        rclient,
+        store,
+        Limits(max_rows=1, max_pixels=10**9, timeout_s=0.0),
+        lambda: BatchContext(store, FileStore(tmp_path, b"k"), slow, "w@test", 30.0, 0.0),
+        name="w@test",
+        model="tiny",
+        queue="dq.jobs.tiny",
+        heartbeat_s=0.1,
+        prefetch=8,
+        supervision=Supervision(cancel_grace_s=0.5),
+        exit=exits.append,
+    )
+    job = record(model="tiny", steps=2)
+    store.submit(job)
+    runner.start()
+    try:
+        noop = Delivery(job.id, lambda: None, lambda: None, lambda: None, lambda: None)
+        runner.offer(job.id, noop)
+        wait_until(lambda: slow.steps >= 2, 30, "the call stepping")
+        assert store.change(Change("cancel", job.id)).ok
+        wait_until(lambda: not runner.ctx or not runner.ctx.calling, 30, "the call to end")
+        time.sleep(1.0)  # twice the grace: an abandonment would have come by now
+    finally:
+        runner.stop(10)
+    assert exits == []
+    assert slow.steps < 20  # interrupted at a step soon after the cancel, not run to the end
 
 
 def test_a_canceled_call_that_will_not_stop_is_abandoned(

@@ -351,7 +351,12 @@ class Runner:
                 return
 
     def _watch_canceled_call(self) -> None:
-        """Abandon a call whose rows were all canceled and that has not stopped in time."""
+        """Abandon a call whose rows were all canceled and that has stopped moving.
+
+        A call still taking steps is interrupted at its next step by its progress callback;
+        only one stuck in a step (one step of a huge job can take minutes) for longer than the
+        grace since the cancel was seen, and since its last step, is abandoned.
+        """
         ctx = self.ctx
         if ctx is None or not ctx.calling or ctx.calling_since is None:
             return
@@ -362,7 +367,9 @@ class Runner:
         if since is None or since[0] is not calling:
             self._dead_call = (calling, time.monotonic())
             return
-        if time.monotonic() - since[1] >= self.supervision.cancel_grace_s:
+        grace = self.supervision.cancel_grace_s
+        stepped_ago = time.time() - (self.loop_at or 0.0)
+        if time.monotonic() - since[1] >= grace and stepped_ago >= grace:
             ids = ",".join(c.job_id for c in calling)
             self.fatal(EXIT_ABANDONED, f"every row of the call ({ids}) was canceled; not waiting")
 
