@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import catalog, docs, errors, page, routes, uploads
+from api import catalog, docs, errors, openapi, page, routes, uploads
 from api.metrics import instrument
 from api.middleware import Gate
 from api.resources import build
@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(uploads.router)
     app.include_router(page.router)
     docs.install(app)
+    openapi.install(app)
     instrument(app)
     app.add_middleware(Gate, settings=settings)
     return app
