@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.console import Console, ConsoleHandler
 from core.errors import ConfigError
 from core.launcher import Launch, up
 from core.settings import load_settings
@@ -54,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     run.add_argument("--min-workers", type=int, default=1, help="workers kept running")
     run.add_argument("--max-workers", type=int, default=1, help="workers the scaler may add")
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="every line of every part, as written"
+    )
     for name, (_, text) in PROGRAMS.items():
         sub.add_parser(name, help=text, add_help=False)
     for name, text in CLIENT.items():
@@ -98,13 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", target, *rest])
     if args.command == "test":
         return check([*args.pytest_args, *rest])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    console = Console.for_terminal(verbose=args.verbose)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, handlers=[ConsoleHandler(console)])
     try:
         settings = load_settings()
         launch = Launch(
-            args.host, args.port, args.min_workers, max(args.min_workers, args.max_workers)
+            args.host,
+            args.port,
+            args.min_workers,
+            max(args.min_workers, args.max_workers),
+            verbose=args.verbose,
         )
-        return up(settings, launch)
+        return up(settings, launch, console)
     except ConfigError as e:
         print(f"dq: {e.message}", file=sys.stderr)
         return 2

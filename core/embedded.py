@@ -60,7 +60,11 @@ class EmbeddedRedis:
             if self.aof
             else ["--appendonly", "no"]
         )
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A session of its own: Ctrl-C in a terminal reaches the launcher, which stops its
+        # children while Redis still answers them, and Redis last.
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         self._wait(timeout)
         return self
 

@@ -62,6 +62,7 @@ def run(
     for name in PROMPT_ECHOING_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     common = [f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle"]
+    # --quiet: no start-up banner (the worker logs one line when it is ready).
     build(settings).worker_main(
-        ["worker", *worker_args(settings, args.name), *common, "--without-heartbeat"]
+        ["--quiet", "worker", *worker_args(settings, args.name), *common, "--without-heartbeat"]
     )
