@@ -322,7 +322,9 @@ def up(settings: Settings, launch: Launch, console: Console | None = None) -> in
         supervisor.run(lambda: console.release(block), ready=Readiness(launch.url, console))
     finally:
         console.release()
-        log.info("stopping: running batches finish first")
+        drain_s = settings.scaler_drain_timeout_s
+        log.info("stopping: running batches finish first (at most %.0f s)", drain_s)
+        signal.signal(signal.SIGINT, lambda *_: log.info("still stopping: a batch is finishing"))
         supervisor.shutdown()
         if redis is not None:
             redis.stop()
