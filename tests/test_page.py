@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from api.deps import AdminDep
@@ -25,8 +26,6 @@ from tests.conftest import (
     settings_from,
     wait_for,
 )
-
-pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -181,6 +180,7 @@ def enter_key(page: Page, key: str) -> None:
     page.el("#key-go").click()
 
 
+@pytest.mark.browser
 def test_the_page_from_key_to_image_job_view_cancel_refusal_gallery_and_operator(
     env: dict[str, str],
     gateway: Gateway,
@@ -260,17 +260,28 @@ def test_the_page_from_key_to_image_job_view_cancel_refusal_gallery_and_operator
     with client_for(gateway) as client:
         assert client.get(f"/v1/jobs/{redone}").json()["request"]["task"] == "img2img"
 
-    # Cancel a long job while it waits or runs.
+    # A long job runs; one behind it waits, its place in line shown; the long one is canceled.
     page.el('#task button[data-value="txt2img"]').click()
+    page.el('#num_images button[data-value="1"]').click()
+    page.set("seed", "")
     page.type("#prompt", "a very long job")
     page.set("size", "512x512")
     page.set("steps", 150)
     long_job = page.submit()
+    page.until(lambda: page.state(long_job) == "running", 60, "the long job running")
+    page.type("#prompt", "a harbour at night")
+    page.set("size", "64x64")
+    page.set("steps", 10)
+    behind = page.submit()
+    in_line = re.compile(r"(next|\d+(st|nd|rd|th)) in line")
+    page.until(lambda: in_line.search(page.card(behind)), 20, "the place in line")
+    page.shot("queue")
     page.click(f'#jobs [data-job="{long_job}"] button.danger')
     page.until(lambda: page.state(long_job) == "canceled", 30, "the cancel")
     # A pipeline call whose every row is canceled ends its worker (its supervisor starts a new
-    # one: the scaler under `dq up`); here the test does.
+    # one: the scaler under `dq up`); here the test does. The job behind then runs.
     worker_factory(env)
+    page.until(lambda: page.state(behind) == "succeeded", 120, "the job that waited")
 
     # A refusal: the message in words, its field marked.
     page.type("#prompt", "   ")
@@ -283,11 +294,11 @@ def test_the_page_from_key_to_image_job_view_cancel_refusal_gallery_and_operator
 
     # The gallery: the caller's jobs, newest first.
     page.go("#/gallery")
-    page.until(lambda: len(page.all(".tile")) == 3, 20, "three tiles")
+    page.until(lambda: len(page.all(".tile")) == 4, 20, "four tiles")
     states = page.driver.execute_script(
         "return [...document.querySelectorAll('.tile .state')].map((s) => s.textContent)"
     )
-    assert states == ["canceled", "succeeded", "succeeded"]
+    assert states == ["succeeded", "canceled", "succeeded", "succeeded"]
     assert page.el("#older").get_attribute("disabled") == "true"
     page.shot("gallery")
 
@@ -308,6 +319,7 @@ def test_the_page_from_key_to_image_job_view_cancel_refusal_gallery_and_operator
     assert page.problems() == []
 
 
+@pytest.mark.browser
 def test_a_wrong_key_is_refused_in_words(gateway: Gateway, browser: Any, shots: Path) -> None:
     page = Page(browser, gateway.url, shots)
     page.open()
@@ -317,6 +329,7 @@ def test_a_wrong_key_is_refused_in_words(gateway: Gateway, browser: Any, shots: 
     assert page.el("#key-dialog").is_displayed()
 
 
+@pytest.mark.browser
 def test_the_key_is_kept_for_the_tab(gateway: Gateway, browser: Any, shots: Path) -> None:
     page = Page(browser, gateway.url, shots)
     page.open()
@@ -341,6 +354,7 @@ def admin_gateway(env: dict[str, str]) -> Iterator[Gateway]:
     gw.stop()
 
 
+@pytest.mark.browser
 def test_the_admin_part_shows_for_an_admin_key_only(
     admin_gateway: Gateway, browser: Any, shots: Path
 ) -> None:
@@ -356,3 +370,76 @@ def test_the_admin_part_shows_for_an_admin_key_only(
     page.until(lambda: page.el("#admin-note").is_displayed(), 20, "the note for a user key")
     assert not page.el("#admin").is_displayed()
     assert page.text("#admin-note").endswith("need an admin key.")
+
+
+def policy(gateway: Gateway) -> dict[str, str]:
+    """The page's Content-Security-Policy, directive by directive."""
+    header = httpx.get(f"{gateway.url}/").headers["content-security-policy"]
+    return dict(d.strip().split(" ", 1) for d in header.split(";"))
+
+
+def test_the_page_may_call_and_show_this_gateway_and_the_public_url_only(
+    env: dict[str, str], gateway_factory: Callable[[dict[str, str]], Gateway]
+) -> None:
+    gateway = gateway_factory({**env, "DQ_PUBLIC_URL": "http://localhost:9999"})
+    assert policy(gateway) == {
+        "default-src": "'none'",
+        "script-src": "'self'",
+        "style-src": "'self'",
+        "img-src": "'self' data: blob: http://localhost:9999",
+        "connect-src": "'self' http://localhost:9999",
+        "base-uri": "'none'",
+        "form-action": "'self'",
+        "frame-ancestors": "'none'",
+    }
+
+
+def test_with_s3_the_page_may_upload_to_and_show_the_bucket(
+    env: dict[str, str], gateway_factory: Callable[[dict[str, str]], Gateway], s3_endpoint: str
+) -> None:
+    s3 = {"DQ_STORAGE_URL": "s3://images/out", "DQ_S3_ENDPOINT_URL": s3_endpoint}
+    found = policy(gateway_factory({**env, **s3}))
+    assert found["connect-src"] == f"'self' {s3_endpoint}"
+    assert found["img-src"] == f"'self' data: blob: {s3_endpoint}"
+
+
+def test_the_pages_files_are_served_by_name_and_nothing_else(gateway: Gateway) -> None:
+    for name, kind in [
+        ("app.js", "text/javascript"),
+        ("app.css", "text/css"),
+        ("icon.svg", "image/svg+xml"),
+    ]:
+        reply = httpx.get(f"{gateway.url}/page/{name}")
+        assert (reply.status_code, reply.headers["content-type"].split(";")[0]) == (200, kind)
+        assert reply.headers["cache-control"] == "no-cache"
+    for name in ("nothing.js", "..%2Fpage.py", "%2E%2E%2Findex.html", "app.js%00.py"):
+        reply = httpx.get(f"{gateway.url}/page/{name}")
+        assert reply.status_code == 404, name
+        assert reply.json()["error"]["code"] == "not_found"
+    html = httpx.get(f"{gateway.url}/").text
+    assert not re.search(r"<script>|<style>| style=| on[a-z]+=", html)  # nothing inline
+    for url in re.findall(r'(?:src|href)="([^"#]+)"', html):
+        assert httpx.get(gateway.url + url).status_code == 200, url
+
+
+@pytest.mark.browser
+def test_the_gallery_pages_through_the_keys_jobs(
+    gateway: Gateway, browser: Any, shots: Path
+) -> None:
+    with client_for(gateway) as client:  # no worker: they stay queued
+        for i in range(26):
+            client.post("/v1/jobs", json={"prompt": f"job {i}"}).raise_for_status()
+    page = Page(browser, gateway.url, shots)
+    page.open("/#/gallery")
+    enter_key(page, ALICE_KEY)
+    prompts = "return [...document.querySelectorAll('.tile .prompt')].map((p) => p.textContent)"
+    page.until(lambda: len(page.all(".tile")) == 24, 20, "a first page")
+    assert page.driver.execute_script(prompts)[:2] == ["job 25", "job 24"]
+    assert page.text("#page-no") == "page 1"
+    page.el("#older").click()
+    page.until(lambda: page.driver.execute_script(prompts) == ["job 1", "job 0"], 20, "page 2")
+    assert page.el("#older").get_attribute("disabled") == "true"
+    page.el("#newer").click()
+    page.until(lambda: len(page.all(".tile")) == 24, 20, "the first page again")
+    page.el('#filter button[data-value="succeeded"]').click()
+    page.until(lambda: page.text("#gallery") == "No succeeded jobs.", 20, "an empty filter")

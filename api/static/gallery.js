@@ -46,12 +46,18 @@ async function load() {
   }
   next = page.next_cursor;
   grid.replaceChildren(...page.jobs.map(tile));
-  if (!page.jobs.length) {
-    grid.append(h("p.empty", {text: cursors.length > 1 || status ? "Nothing more here." : "No jobs yet: make one on the Create page."}));
-  }
+  if (!page.jobs.length) grid.append(h("p.empty", {text: nothing()}));
   $("older").disabled = !next;
   $("newer").disabled = cursors.length <= 1;
   $("page-no").textContent = "page " + cursors.length;
+}
+
+// An empty page: a status filter reads a bounded stretch of the jobs per request, so an empty
+// page with a cursor means "none in this stretch", not "none at all".
+function nothing() {
+  if (next) return "None in this stretch of your jobs: Older → looks further back.";
+  if (status) return `No ${status} jobs` + (cursors.length > 1 ? " further back." : ".");
+  return cursors.length > 1 ? "Nothing further back." : "No jobs yet: make one on the Create page.";
 }
 
 function tile(job) {
@@ -65,7 +71,7 @@ function tile(job) {
     h("div.body", {},
       h("div.prompt", {text: job.request.prompt}),
       h("div.meta", {}, stateChip(job.status), h("span.when", {text: ago(job.created_at)})),
-      h("div.meta", {text: `${sizeOf(job.request)} · ${job.request.steps} steps · seed ${job.request.seed}`}),
+      h("div.meta", {text: `${sizeOf(job.request)} · ${job.request.steps} steps`}),
     ),
   );
 }
