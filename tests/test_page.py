@@ -124,6 +124,15 @@ class Page:
             str(value),
         )
 
+    def set_in(self, css: str, value: object) -> None:
+        """Set the first input `css` finds, as a user's edit would."""
+        self.driver.execute_script(
+            "const el = document.querySelector(arguments[0]); el.value = arguments[1];"
+            "el.dispatchEvent(new Event('input', {bubbles: true}));",
+            css,
+            str(value),
+        )
+
     def type(self, css: str, text: str) -> None:
         element = self.el(css)
         element.clear()
@@ -443,3 +452,37 @@ def test_the_gallery_pages_through_the_keys_jobs(
     page.until(lambda: len(page.all(".tile")) == 24, 20, "the first page again")
     page.el('#filter button[data-value="succeeded"]').click()
     page.until(lambda: page.text("#gallery") == "No succeeded jobs.", 20, "an empty filter")
+
+
+@pytest.mark.browser
+def test_loras_and_an_inpainting_refusal_on_its_field(
+    env: dict[str, str],
+    gateway_factory: Callable[[dict[str, str]], Gateway],
+    browser: Any,
+    shots: Path,
+    tmp_path: Path,
+) -> None:
+    from worker.models import build_tiny_lora
+
+    build_tiny_lora(tmp_path / "loras" / "noise.safetensors", "tiny")
+    gateway = gateway_factory({**env, "DQ_LORAS": str(tmp_path / "loras")})
+    page = Page(browser, gateway.url, shots)
+    page.open()
+    enter_key(page, ALICE_KEY)
+    page.until(lambda: page.el("#loras-block").is_displayed(), 20, "the LoRA block")
+    page.el("#add-lora").click()
+    page.set_in("#loras .lora input", "0.6")
+    page.type("#prompt", "pixel art harbour")
+    job_id = page.submit()
+    with client_for(gateway) as client:
+        request = client.get(f"/v1/jobs/{job_id}").json()["request"]
+    assert request["loras"] == [{"name": "noise", "scale": 0.6}]
+
+    # Inpainting without an image: refused, and the image field says so.
+    page.el('#task button[data-value="inpaint"]').click()
+    assert page.el("#mask-field").is_displayed()
+    page.el("#go").click()
+    page.until(lambda: page.el("#form-error").is_displayed(), 20, "the refusal")
+    image_field = page.el('.field[data-field="image"]')
+    assert "invalid" in image_field.get_attribute("class")
+    assert "image" in page.text('.field[data-field="image"] .problem')
