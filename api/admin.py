@@ -12,6 +12,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import AdminDep
+from api.openapi import errors
 from core import keys, scripts
 from core.store import Change
 
@@ -73,7 +74,13 @@ def _texts(values: Any) -> list[str]:
     return [str(v) for v in values]
 
 
-@router.get("/queue", response_model=AdminQueue)
+@router.get(
+    "/queue",
+    response_model=AdminQueue,
+    summary="The whole queue, by model, class, tenant and bucket",
+    operation_id="admin_queue",
+    responses=errors(401, 403, 429, 503),
+)
 async def queue(caller: AdminDep) -> AdminQueue:
     """Every model's queue by class, tenant and bucket; dispatched and running work."""
     redis = caller.res.redis
@@ -134,7 +141,13 @@ async def _buckets(redis: Any, model: str, klass: str) -> dict[str, int]:
     return counts
 
 
-@router.post("/tenants/{tenant}/cancel", response_model=Canceled)
+@router.post(
+    "/tenants/{tenant}/cancel",
+    response_model=Canceled,
+    summary="Cancel a tenant's queued jobs",
+    operation_id="admin_cancel_tenant",
+    responses=errors(401, 403, 422, 429, 503),
+)
 async def cancel_tenant(tenant: str, caller: AdminDep) -> Canceled:
     """Cancel every queued job of a tenant (waiting or dispatched; running ones run on)."""
     res = caller.res
@@ -154,7 +167,13 @@ async def cancel_tenant(tenant: str, caller: AdminDep) -> Canceled:
     return Canceled(canceled=canceled)
 
 
-@router.post("/dispatch/pause", response_model=Dispatch)
+@router.post(
+    "/dispatch/pause",
+    response_model=Dispatch,
+    summary="Stop dispatching jobs",
+    operation_id="admin_pause",
+    responses=errors(401, 403, 422, 429, 503),
+)
 async def pause(caller: AdminDep, model: str = "*") -> Dispatch:
     """Stop dispatching jobs (of one model, or all): queued jobs wait, running ones finish."""
     redis = caller.res.redis
@@ -162,7 +181,13 @@ async def pause(caller: AdminDep, model: str = "*") -> Dispatch:
     return Dispatch(paused=sorted(_texts(await redis.hkeys(keys.PAUSED))))  # type: ignore[misc]
 
 
-@router.post("/dispatch/resume", response_model=Dispatch)
+@router.post(
+    "/dispatch/resume",
+    response_model=Dispatch,
+    summary="Dispatch again",
+    operation_id="admin_resume",
+    responses=errors(401, 403, 422, 429, 503),
+)
 async def resume(caller: AdminDep, model: str = "*") -> Dispatch:
     """Dispatch again (one model, or all), at once."""
     res = caller.res

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import admin, catalog, docs, errors, page, routes, uploads
+from api import admin, catalog, docs, errors, openapi, page, routes, uploads
 from api.metrics import instrument
 from api.middleware import Gate
 from api.resources import build
@@ -68,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(page.router)
     docs.install(app)
+    openapi.install(app)
     app.add_middleware(Gate, settings=settings)
     instrument(app, settings, tracing)  # outermost: requests the gate refuses are counted too
     return app

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import CallerDep
+from api.openapi import errors
 from core import keys
 from core.catalog import ModelView, public_models
 
@@ -34,7 +35,14 @@ class Models(BaseModel):
     models: list[ModelStatus]
 
 
-@router.get("/v1/models", response_model=Models, tags=["models"])
+@router.get(
+    "/v1/models",
+    response_model=Models,
+    tags=["models"],
+    summary="The models served",
+    operation_id="list_models",
+    responses=errors(401, 429, 503),
+)
 async def models(caller: CallerDep) -> Models:
     """Each model: sizes, steps, tasks, LoRAs and defaults a request may use, and its pool."""
     res = caller.res

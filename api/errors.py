@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -97,16 +98,20 @@ def _field_name(loc: tuple[object, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _said(error: Any) -> str:
+    """A validation error's message, without the "Value error, " pydantic puts before ours."""
+    return str(error.get("msg", "invalid")).removeprefix("Value error, ")
+
+
 def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0]
     name = _field_name(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         return JSONResponse(body("invalid_json", "the body is not valid JSON", field="body"), 422)
-    message = f"{name}: {first.get('msg', 'invalid')}"
+    message = f"{name}: {_said(first)}"
     details = [
-        {"field": _field_name(tuple(e.get("loc", ()))), "message": e.get("msg")}
-        for e in exc.errors()
+        {"field": _field_name(tuple(e.get("loc", ()))), "message": _said(e)} for e in exc.errors()
     ]
     return JSONResponse(body("validation_error", message, field=name, details=details), 422)
 

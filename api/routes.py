@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from api import views
 from api.deps import Caller, CallerDep, ResourcesDep
+from api.openapi import EVENTS, FILE, OPEN, SUBMIT_EXAMPLES, EventStream, errors
 from api.resources import Resources
 from core import heartbeats, keys
 from core.choice import check_request
@@ -156,7 +157,16 @@ async def owned(caller: Caller, job_id: str) -> tuple[JobRecord, Place | None]:
     return record, place
 
 
-@router.post("/v1/jobs", status_code=202, response_model=Job, tags=["jobs"])
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=Job,
+    tags=["jobs"],
+    summary="Submit a job",
+    operation_id="submit_job",
+    responses=errors(401, 404, 413, 422, 429, 503),
+    openapi_extra=SUBMIT_EXAMPLES,
+)
 async def submit(
     request: JobCreate,
     http: Request,
@@ -313,7 +323,14 @@ TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
 MAX_WAIT_S = 60.0
 
 
-@router.get("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"])
+@router.get(
+    "/v1/jobs/{job_id}",
+    response_model=Job,
+    tags=["jobs"],
+    summary="Read a job, or wait for it to end",
+    operation_id="get_job",
+    responses=errors(401, 404, 422, 429, 503),
+)
 async def get_job(
     job_id: str,
     http: Request,
@@ -355,7 +372,14 @@ LIST_SCAN = 500  # index entries one list request reads at most (a status filter
 SCAN_BATCH = 100  # entries read per round trip while filtering
 
 
-@router.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
+@router.get(
+    "/v1/jobs",
+    response_model=JobPage,
+    tags=["jobs"],
+    summary="List your jobs",
+    operation_id="list_jobs",
+    responses=errors(401, 422, 429, 503),
+)
 async def list_jobs(
     http: Request,
     caller: CallerDep,
@@ -436,7 +460,14 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number")
 
 
-@router.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=["jobs"])
+@router.post(
+    "/v1/jobs/{job_id}/cancel",
+    response_model=Job,
+    tags=["jobs"],
+    summary="Cancel a job",
+    operation_id="cancel_job",
+    responses=errors(401, 404, 409, 422, 429, 503),
+)
 async def cancel(job_id: str, http: Request, caller: CallerDep) -> Job:
     """Cancel: a queued job never runs; a running one is dropped from its batch."""
     res = caller.res
@@ -450,7 +481,14 @@ async def cancel(job_id: str, http: Request, caller: CallerDep) -> Job:
     return await render(res, record, place, http)
 
 
-@router.delete("/v1/jobs/{job_id}", status_code=204, tags=["jobs"])
+@router.delete(
+    "/v1/jobs/{job_id}",
+    status_code=204,
+    tags=["jobs"],
+    summary="Delete a job, its images and its inputs",
+    operation_id="delete_job",
+    responses=errors(401, 404, 422, 429, 503),
+)
 async def delete(job_id: str, caller: CallerDep) -> Response:
     """Delete a job: canceled first if it has not ended, its images and inputs removed from
     storage at once, its record gone (404) from now on."""
@@ -470,6 +508,9 @@ async def delete(job_id: str, caller: CallerDep) -> Response:
     status_code=202,
     response_model=Redelivery,
     tags=["webhooks"],
+    summary="Send a job's last webhook event again",
+    operation_id="redeliver_webhook",
+    responses=errors(401, 404, 409, 422, 429, 503),
 )
 async def redeliver(job_id: str, caller: CallerDep) -> Redelivery:
     """Send the job's last webhook event again (same webhook-id, a new series of attempts)."""
@@ -500,7 +541,14 @@ async def limit_redeliveries(res: Resources, tenant: str, job_id: str) -> None:
             )
 
 
-@router.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    tags=["jobs"],
+    summary="Stream a job's changes (Server-Sent Events)",
+    operation_id="job_events",
+    response_class=EventStream,
+    responses={**EVENTS, **errors(401, 404, 422, 429, 503)},
+)
 async def events(job_id: str, http: Request, caller: CallerDep) -> StreamingResponse:
     """Server-Sent Events: the job each time its status, progress or queue position changes."""
     await owned(caller, job_id)
@@ -532,7 +580,14 @@ async def _stream(caller: Caller, job_id: str, http: Request) -> AsyncIterator[s
             await waiter.changed(within, subscribed=res.watcher.subscribed)
 
 
-@router.get("/v1/queue", response_model=QueueStatus, tags=["queue"])
+@router.get(
+    "/v1/queue",
+    response_model=QueueStatus,
+    tags=["queue"],
+    summary="The queue: depth, workers, throughput",
+    operation_id="queue_status",
+    responses=errors(401, 429, 503),
+)
 async def queue(caller: CallerDep) -> QueueStatus:
     """Depth, running jobs, live workers, measured throughput and the wait for a new job."""
     res = caller.res
@@ -591,7 +646,15 @@ async def depths(
     return by_model, by_tenant
 
 
-@router.get("/v1/files/{key:path}", include_in_schema=False)
+@router.get(
+    "/v1/files/{key:path}",
+    tags=["files"],
+    summary="An image, through a signed URL a job handed out",
+    operation_id="get_file",
+    response_class=FileResponse,
+    responses={**FILE, **errors(404, 422)},
+    openapi_extra=OPEN,
+)
 async def file(key: str, expires: int, sig: str, res: ResourcesDep) -> FileResponse:
     """A locally stored image, behind a signed, expiring URL."""
     store = res.storage
@@ -607,13 +670,22 @@ async def file(key: str, expires: int, sig: str, res: ResourcesDep) -> FileRespo
     )
 
 
-@router.get("/healthz", tags=["health"])
+@router.get(
+    "/healthz", tags=["health"], summary="Liveness", operation_id="healthz", openapi_extra=OPEN
+)
 async def healthz() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"])
+@router.get(
+    "/readyz",
+    tags=["health"],
+    summary="Readiness: Redis and storage reachable",
+    operation_id="readyz",
+    responses=errors(503),
+    openapi_extra=OPEN,
+)
 async def readyz(res: ResourcesDep) -> dict[str, str]:
     """Readiness: Redis and storage reachable."""
     # The causes go to the log only: a client learns nothing of the servers behind the gateway.

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from api.deps import CallerDep, ResourcesDep
+from api.openapi import OPEN, UPLOAD_BODY, errors
 from core import keys
 from core.errors import NotFound, ValidationFailed
 from core.storage import FileStore, new_upload_id, upload_key
@@ -43,7 +44,15 @@ class Upload(BaseModel):
     max_bytes: int
 
 
-@router.post("/v1/uploads", response_model=Upload, status_code=201, tags=["inputs"])
+@router.post(
+    "/v1/uploads",
+    response_model=Upload,
+    status_code=201,
+    tags=["inputs"],
+    summary="A place to upload an image input to",
+    operation_id="new_upload",
+    responses=errors(401, 413, 422, 429, 503),
+)
 async def new_upload(ask: UploadAsk, http: Request, caller: CallerDep) -> Upload:
     """A place to upload one image input to (it expires if no job uses it in time)."""
     res = caller.res
@@ -69,7 +78,15 @@ async def new_upload(ask: UploadAsk, http: Request, caller: CallerDep) -> Upload
     )
 
 
-@router.put("/v1/uploads/{key:path}", include_in_schema=False, status_code=204)
+@router.put(
+    "/v1/uploads/{key:path}",
+    status_code=204,
+    tags=["inputs"],
+    summary="Upload an image input, through the signed URL POST /v1/uploads handed out",
+    operation_id="put_upload",
+    responses=errors(404, 413, 422),
+    openapi_extra={**OPEN, **UPLOAD_BODY},
+)
 async def put_upload(key: str, expires: int, sig: str, http: Request, res: ResourcesDep) -> None:
     """The local store's upload URL (S3 deployments upload to the bucket instead)."""
     store = res.storage

@@ -34,6 +34,10 @@ BUILT_IN_FAMILIES: dict[str, Family] = {
     "sd15-random": "sd1",
     "tiny-xl": "sdxl",
 }
+# What the tiny test models make when a request names no size: they run on any CPU, and make
+# noise at any size, so a first request (`dq up`, the page) should take a second, not a minute.
+TINY_DEFAULTS = {"width": 64, "height": 64, "steps": 10}
+TINY_MODELS = ("tiny", "tiny-sd2", "tiny-xl")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SIZE = re.compile(r"(\d+)x(\d+)")
 MIN_SIDE = 64
@@ -220,6 +224,7 @@ def single_model(settings: Settings) -> ModelSpec:
         min_workers=settings.scaler_min,
         max_workers=settings.scaler_max,
         max_run_s=settings.max_run_s,
+        defaults=Defaults(**TINY_DEFAULTS) if source in TINY_MODELS else Defaults(),
     )
 
 

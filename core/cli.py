@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.console import Console, ConsoleHandler
 from core.errors import ConfigError
 from core.launcher import Launch, up
 from core.settings import load_settings
@@ -63,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help="the default model's most workers (default: its catalog entry's, DQ_SCALER_MAX)",
     )
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="every line of every part, as written"
+    )
     for name, (_, text) in PROGRAMS.items():
         sub.add_parser(name, help=text, add_help=False)
     for name, text in CLIENT.items():
@@ -107,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", target, *rest])
     if args.command == "test":
         return check([*args.pytest_args, *rest])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    console = Console.for_terminal(verbose=args.verbose)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, handlers=[ConsoleHandler(console)])
     try:
         settings = load_settings()
-        launch = Launch(args.host, args.port, args.min_workers, args.max_workers)
-        return up(settings, launch)
+        launch = Launch(
+            args.host, args.port, args.min_workers, args.max_workers, verbose=args.verbose
+        )
+        return up(settings, launch, console)
     except ConfigError as e:
         print(f"dq: {e.message}", file=sys.stderr)
         return 2

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -35,6 +38,18 @@ def redis_binary() -> str:
     return found
 
 
+def _end_with_parent() -> None:
+    """In the child: SIGTERM (Redis flushes, then exits) when its starter dies.
+
+    Linux ties this to the thread that started the child: start Redis from a lasting thread.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 class EmbeddedRedis:
     """A child redis-server on 127.0.0.1, optionally with an append-only file."""
 
@@ -60,7 +75,15 @@ class EmbeddedRedis:
             if self.aof
             else ["--appendonly", "no"]
         )
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A session of its own: Ctrl-C in a terminal reaches the launcher, which stops its
+        # children while Redis still answers them, and Redis last. It still ends with its owner.
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_end_with_parent,
+        )
         self._wait(timeout)
         return self
 

@@ -178,6 +178,7 @@ def test_dq_model_alone_is_a_catalog_of_one() -> None:
             family="sd1",
             tasks=("txt2img", "img2img", "inpaint"),
             max_batch_size=2,
+            defaults=Defaults(64, 64, 10),  # a test model: a first request takes a second
             min_workers=0,
             max_workers=3,
         )

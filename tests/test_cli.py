@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,7 @@ def test_dq_up_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path, model_ca
         "DQ_CPU_THREADS": "1",
         "DQ_SCALER_INTERVAL_S": "1",
         "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT),  # this checkout's code, whatever the venv installed
     }
     dq = shutil.which("dq", path=str(Path(sys.executable).parent)) or "dq"
     log = (tmp_path / "up.log").open("wb")
@@ -89,9 +91,18 @@ def test_dq_up_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path, model_ca
             up.kill()
         log.close()
     text = (tmp_path / "up.log").read_text()
-    assert f"diffusion-queue is up at {base}" in text
-    assert "API is open" in text
+    # One status block, said once the gateway answers; then one prefixed line per event.
+    assert text.count("diffusion-queue is running") == 1
+    assert text.index("diffusion-queue is running") < text.index(" scaler   ")
+    assert f"web page  {base}/" in text
+    assert "tiny: random weights, so every image is noise" in text
+    assert "the API is open to anyone" in text
     assert f"curl -s {base}/v1/jobs" in text
+    assert re.search(r"^\d\d:\d\d:\d\d worker   worker .* ready \(model tiny\)$", text, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d worker   ran batch of jobs job_", text, re.M)
+    # Not Celery's banner, nor its warning to every worker run as root, nor library chatter.
+    for noise in ("[config]", "[queues]", ".> transport:", "superuser", "celery.", "Warning"):
+        assert noise not in text, noise
     time.sleep(0.5)
     assert [p for p in family if alive(p)] == []
 

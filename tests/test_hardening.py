@@ -430,8 +430,10 @@ def test_json_and_pages_carry_the_security_headers(client: httpx.Client) -> None
         assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
     assert api.headers["cache-control"] == "no-store"
     page = client.get("/").headers["content-security-policy"]
-    assert re.search(r"script-src 'self' 'sha256-[A-Za-z0-9+/=]{44}'", page)
-    assert "unsafe-inline" not in page.split("style-src")[0]
+    # The page's scripts and styles are its own files: nothing inline runs, no other origin.
+    assert "script-src 'self';" in page
+    assert "style-src 'self';" in page
+    assert "unsafe-inline" not in page
 
 
 def test_docs_and_every_asset_they_name_come_from_the_gateway(client: httpx.Client) -> None:

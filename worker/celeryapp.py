@@ -67,8 +67,9 @@ def run(
     app = build(settings)
     app.dq_tracing = tracing = Tracing.start(service)  # off unless OTEL_* asks for it
     try:
+        # --quiet: no start-up banner (the worker logs one line when it is ready).
         app.worker_main(
-            ["worker", *worker_args(settings, args.name), *common, "--without-heartbeat"]
+            ["--quiet", "worker", *worker_args(settings, args.name), *common, "--without-heartbeat"]
         )
     finally:
         tracing.shutdown()  # the spans of the last batches
