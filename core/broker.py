@@ -13,6 +13,7 @@ import json
 import re
 import uuid
 from collections.abc import Collection, Sequence
+from typing import NamedTuple
 
 from pydantic import BaseModel, Field
 from redis import Redis
@@ -136,26 +137,34 @@ def named_in_lists(redis: Redis, queues: Collection[str]) -> set[str]:
     return found
 
 
+class Dropped(NamedTuple):
+    """What `forget_received` dropped: how many records, and the jobs their messages named."""
+
+    messages: int
+    jobs: frozenset[str]
+
+
 def forget_received(
     redis: Redis, queues: Collection[str], held: Collection[str], older_than: float
-) -> int:
+) -> Dropped:
     """Drop kombu's record of job messages received before `older_than` that nobody holds.
 
     A worker that dies leaves the messages it had received in kombu's `unacked` hash, where
     Celery would put them back on the queue after its visibility timeout: a second copy of a job
-    the ledger has long dispatched again. Only job queues' messages are touched, never another
-    queue's (the webhook sender's).
+    the ledger dispatches again (the jobs named are returned for that). Only job queues' messages
+    are touched, never another queue's (the webhook sender's).
     """
     tags = [str(t) for t in redis.zrangebyscore(UNACKED_INDEX, "-inf", older_than)]
     stale = [t for t in tags if t not in held]
     if not stale:
-        return 0
+        return Dropped(0, frozenset())
     routes = redis.hmget(UNACKED, stale)
-    dropped = 0
+    dropped, jobs = 0, set()
     for tag, raw in zip(stale, routes, strict=True):
-        if raw is None or _routing_key(str(raw)) in queues:
-            dropped += _drop(redis, tag)
-    return dropped
+        if (raw is None or _routing_key(str(raw)) in queues) and _drop(redis, tag):
+            dropped += 1
+            jobs.update(JOB_ID.findall(str(raw or "")))
+    return Dropped(dropped, frozenset(jobs))
 
 
 def _routing_key(raw: str) -> str | None:

@@ -8,12 +8,17 @@ a pump moves what is due back onto the delivery queue.
 
 from __future__ import annotations
 
+import logging
+
+from pydantic import ValidationError
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from core import keys, metrics
 from core.broker import delivery_message
 from core.events import DeliveryOrder, DeliveryRecord
+
+log = logging.getLogger(__name__)
 
 # A job's log keeps its latest attempts; a receiver down for days must not grow it without bound.
 LOG_LIMIT = 50
@@ -81,6 +86,14 @@ class RetrySchedule:
             return 0
         args: list[str] = []
         for member in due:  # type: ignore[union-attr]
-            order = DeliveryOrder.model_validate_json(str(member))
+            try:
+                order = DeliveryOrder.model_validate_json(str(member))
+            except ValidationError:
+                # It would block every pump at the head of the schedule, for ever: set it aside.
+                log.error("a parked webhook retry cannot be read; dropped: %.200s", member)
+                self.redis.zrem(keys.WEBHOOK_RETRIES, str(member))
+                continue
             args += [str(member), delivery_message(order, self.queue)]
+        if not args:
+            return 0
         return int(self._release([keys.WEBHOOK_RETRIES, self.queue], args))  # type: ignore[arg-type]

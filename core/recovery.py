@@ -7,9 +7,10 @@ sweep decides from the ledger alone, and each part and each job in it fails alon
 - a running job whose lease expired (its worker stopped renewing) goes back to the front of its
   tenant's line, or fails with `max_attempts` once it has had its tries;
 - a dispatched job that no live worker holds and no message in its broker list names is
-  dispatched again: at once when a dead worker's last heartbeat held it, else once two sweeps
-  `lost_s` apart both missed it (kombu takes a message off its list and records it as received
-  in two steps; a worker killed between them leaves no trace of it);
+  dispatched again: at once when a dead worker's last heartbeat held it, or kombu's record shows
+  its message received by no live worker, else once two sweeps `lost_s` apart both missed it
+  (kombu takes a message off its list and records it as received in two steps; a worker killed
+  between them leaves no trace of it);
 - kombu's record of job messages received by dead workers is dropped (the ledger has dispatched
   those jobs again; Celery would otherwise put a second copy back after its visibility timeout);
 - a job not started by its deadline fails with `deadline_exceeded`;
@@ -165,33 +166,40 @@ class Recovery:
         beats = heartbeats.every(self.redis)
         live = [b for b in beats if self._alive(b, now)]
         held_live = {j for b in live for j in b.jobs}
-        held_dead = {j for b in beats if b not in live for j in b.jobs} - held_live
         models = sorted(str(m) for m in self.redis.smembers(keys.MODELS))
         queues = [self.store.ledger.queue_of(m) for m in models]
         grace = now - self.config.heartbeat_ttl_s
-        candidates: set[str] = set()
+        # Messages received by no live worker: their worker is gone, perhaps before a beat could
+        # name them. Their jobs go out again at once, like the jobs a dead worker's beat names.
+        tags = {t for b in live for t in b.held}
+        dropped = broker.forget_received(self.redis, queues, tags, grace)
+        swept.forgotten += dropped.messages
+        # When a dead worker last said it held each job (a beat is kept for an hour: it says
+        # nothing of the job's dispatches after it).
+        held_dead = dict.fromkeys(dropped.jobs, now)
+        for b in beats:
+            if b not in live:
+                held_dead.update((j, max(b.at, held_dead.get(j, b.at))) for j in b.jobs)
+        sent: dict[str, float] = {}  # dispatched job -> when
         for model in models:
-            old = self.redis.zrangebyscore(keys.dispatched(model), "-inf", grace, 0, BATCH)
-            candidates.update(str(j) for j in old)
-        unheld = candidates - held_live
+            old = self.redis.zrangebyscore(keys.dispatched(model), "-inf", grace, 0, BATCH, True)
+            sent.update((str(pair[0]), float(pair[1])) for pair in old)  # type: ignore[union-attr]
+        dead = {j for j, at in sent.items() if held_dead.get(j, -1.0) >= at} - held_live
+        unheld = set(sent) - held_live
         if unheld:
             unheld -= broker.named_in_lists(self.redis, queues)
         due = [
-            j
-            for j in unheld
-            if j in held_dead or now - self.missing.get(j, now) >= self.config.lost_s
+            j for j in unheld if j in dead or now - self.missing.get(j, now) >= self.config.lost_s
         ]
         self.missing = {j: self.missing.get(j, now) for j in unheld if j not in due}
         for job_id in due:
-            why = "its worker died" if job_id in held_dead else "its message was lost"
+            why = "its worker died" if job_id in dead else "its message was lost"
             swept.redispatched += self._one(
                 "redispatched",
-                Change("handback", job_id, cutoff=grace),
+                Change("undispatch", job_id, cutoff=grace),
                 "job %s was dispatched but %s; dispatched again",
                 why,
             )
-        tags = {t for b in live for t in b.held}
-        swept.forgotten += broker.forget_received(self.redis, queues, tags, grace)
 
     def _alive(self, beat: heartbeats.WorkerBeat, now: float) -> bool:
         fresh = now - beat.at <= self.config.heartbeat_ttl_s

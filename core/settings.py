@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         None, gt=0, description="a job running longer fails (run_timeout); a catalog entry's wins"
     )
     model_cache: Path = Path.home() / ".cache" / "diffusion-queue" / "models"
+    # A `module:function` the worker calls instead of worker.inference.load_engine, with the same
+    # arguments, for an engine of one's own (a custom runtime, or the faulty engines of the tests).
+    engine_factory: str | None = Field(
+        None, pattern=r"^[\w.]+:\w+$", description="module:function that loads the engine"
+    )
     device: str | None = None
     dtype: str | None = None
     cpu_threads: int | None = Field(None, ge=1, le=256)
@@ -176,6 +181,9 @@ class Settings(BaseSettings):
     )
     scaler_models: str = Field(
         "", description="models the scaler sizes, comma-separated; empty: every catalog model"
+    )
+    scaler_backend_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for one Docker or Kubernetes API call"
     )
     scaler_k8s_namespace: str = "default"
     scaler_low_priority_scales: bool = Field(

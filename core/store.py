@@ -38,12 +38,13 @@ from core.jobs import (
 from core.settings import Settings
 
 TOMBSTONE_S = 60  # a deleted job's record lingers this long, refusing late writes, then goes
-Op = Literal["claim", "renew", "finish", "handback", "cancel", "fail"]
+Op = Literal["claim", "renew", "finish", "handback", "undispatch", "cancel", "fail"]
 # The status each operation leads to (finish: the change's own `to`).
 _TARGET: dict[str, JobStatus] = {
     "claim": JobStatus.RUNNING,
     "renew": JobStatus.RUNNING,
     "handback": JobStatus.QUEUED,
+    "undispatch": JobStatus.QUEUED,
     "cancel": JobStatus.CANCELED,
     "fail": JobStatus.FAILED,
 }

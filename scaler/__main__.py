@@ -59,14 +59,17 @@ def backends_of(
     name: str, settings: Settings
 ) -> tuple[Callable[[str], ScaleBackend], str | None, ProcessBackend | None]:
     """How to reach a model's workers, the backend's name pattern, and the local processes."""
-    drain_s = settings.scaler_drain_timeout_s
+    drain_s, timeout_s = settings.scaler_drain_timeout_s, settings.scaler_backend_timeout_s
     if name == "docker":
         pattern = settings.scaler_docker_service
 
         def docker(model: str) -> ScaleBackend:
             service = named(pattern, model)
             return DockerBackend(
-                settings.scaler_docker_project, service, stop_timeout_s=int(drain_s)
+                settings.scaler_docker_project,
+                service,
+                timeout_s=timeout_s,
+                stop_timeout_s=int(drain_s),
             )
 
         return docker, pattern, None
@@ -74,7 +77,8 @@ def backends_of(
         pattern = settings.scaler_k8s_deployment
 
         def kubernetes(model: str) -> ScaleBackend:
-            return KubernetesBackend(named(pattern, model), settings.scaler_k8s_namespace)
+            namespace = settings.scaler_k8s_namespace
+            return KubernetesBackend(named(pattern, model), namespace, timeout_s=timeout_s)
 
         return kubernetes, pattern, None
     gpus = [g for g in settings.scaler_gpus.split(",") if g.strip()]

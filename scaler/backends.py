@@ -20,6 +20,7 @@ ONEOFF = "com.docker.compose.oneoff"
 REPLACE = "com.docker.compose.replace"
 # Lower is deleted first when a ReplicaSet scales down (KEP-2255, on by default since 1.22).
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+CONNECT_TIMEOUT_S = 5.0  # the longest wait to open a connection to a Kubernetes API server
 # Network modes that are not a network to attach to by name.
 BUILTIN_NETWORKS = {"default", "bridge", "host", "none"}
 
@@ -57,16 +58,21 @@ class DockerBackend:
         project: str,
         service: str = "worker",
         *,
-        client: Any = None,  # a docker.DockerClient; default: docker.from_env()
+        base_url: str | None = None,  # the engine's address; default: DOCKER_HOST or the socket
+        timeout_s: float = 30.0,  # the longest wait for one API call (a stop: plus its timeout)
         stop_timeout_s: int = 150,  # past the worst batch plus its upload: then comes SIGKILL
         gpu_ids: Sequence[str] = (),  # on a box with several GPUs: one of these per new worker
         gpus_per_worker: int = 1,  # without gpu_ids: a GPU count per worker (0: CPU workers)
     ) -> None:
         """Scale `service` of compose project `project`."""
-        if client is None:
-            import docker  # here, so that the scaler starts without the SDK
+        import docker  # here, so that the scaler starts without the SDK
 
-            client = docker.from_env()
+        # Every call has a deadline: a hung engine must not freeze the scaler's loop, and with it
+        # the recovery sweep it offers each tick.
+        if base_url is None:
+            client = docker.from_env(timeout=timeout_s)
+        else:
+            client = docker.DockerClient(base_url=base_url, timeout=timeout_s)
         self._api = client.api
         self.project, self.service = project, service
         self.stop_timeout_s = stop_timeout_s
@@ -212,6 +218,7 @@ class KubernetesBackend:
         *,
         api_client: Any = None,  # a kubernetes.client.ApiClient; default: in-cluster or kubeconfig
         victim_cost: int = -1000,  # the drained pod's deletion cost; unmarked pods cost 0
+        timeout_s: float = 30.0,  # the longest wait for one API call
     ) -> None:
         """Scale Deployment `deployment` in `namespace`."""
         from kubernetes import client, config  # here, so that the scaler starts without it
@@ -225,11 +232,15 @@ class KubernetesBackend:
         self._apps = client.AppsV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
         self.deployment, self.namespace, self.victim_cost = deployment, namespace, victim_cost
+        # (connect, read) deadlines for every call: the client's default is to wait forever.
+        self.timeout = (min(timeout_s, CONNECT_TIMEOUT_S), timeout_s)
 
     def list_workers(self) -> list[WorkerHandle]:
         """The Deployment's pods that run or are on their way, terminating ones `stopping`."""
         selector = self._scale().status.selector
-        pods = self._core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        pods = self._core.list_namespaced_pod(
+            self.namespace, label_selector=selector, _request_timeout=self.timeout
+        ).items
         return [
             WorkerHandle(
                 p.metadata.name, p.metadata.name, p.metadata.deletion_timestamp is not None
@@ -254,14 +265,18 @@ class KubernetesBackend:
             raise
 
     def _scale(self) -> Any:
-        return self._apps.read_namespaced_deployment_scale(self.deployment, self.namespace)
+        return self._apps.read_namespaced_deployment_scale(
+            self.deployment, self.namespace, _request_timeout=self.timeout
+        )
 
     def _set_replicas(self, replicas: int) -> None:
         body = {"spec": {"replicas": replicas}}
-        self._apps.patch_namespaced_deployment_scale(self.deployment, self.namespace, body)
+        self._apps.patch_namespaced_deployment_scale(
+            self.deployment, self.namespace, body, _request_timeout=self.timeout
+        )
         log.info("deployment %s/%s scaled to %d", self.namespace, self.deployment, replicas)
 
     def _mark(self, pod: str, cost: str | None) -> None:
         # A null value deletes the annotation in a merge patch.
         body = {"metadata": {"annotations": {DELETION_COST: cost}}}
-        self._core.patch_namespaced_pod(pod, self.namespace, body)
+        self._core.patch_namespaced_pod(pod, self.namespace, body, _request_timeout=self.timeout)

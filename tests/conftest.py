@@ -46,6 +46,15 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 
 @pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A redis-server of the test's own, for a test that counts its connections or commands
+    (the session's server is shared: what another test left running would count too)."""
+    server = EmbeddedRedis(tmp_path / "private-redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def rclient(redis_url: str) -> Iterator[redis.Redis]:
     """A client on the test's Redis."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -106,8 +115,9 @@ class Gateway:
         from api.app import create_app
 
         self.port = free_port()
+        self.app = create_app(settings)
         config = uvicorn.Config(
-            create_app(settings),
+            self.app,
             host="127.0.0.1",
             port=self.port,
             log_level="warning",

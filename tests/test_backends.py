@@ -11,6 +11,7 @@ import copy
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,8 +20,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import redis
+import requests
+import urllib3
 
+from core import heartbeats, keys
 from core.errors import ConfigError
+from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings
 from scaler.__main__ import backends_of
 from scaler.backends import (
@@ -31,7 +37,11 @@ from scaler.backends import (
     KubernetesBackend,
     WorkerHandle,
 )
-from scaler.pools import named
+from scaler.loop import ControlLoop, Lock
+from scaler.policy import PolicyConfig
+from scaler.pools import Pool, named
+from scaler.signals import Reading
+from tests.test_store import claim, store_with, submit
 
 docker = pytest.importorskip("docker")
 kubernetes = pytest.importorskip("kubernetes")
@@ -180,8 +190,8 @@ def docker_api(stop_gate: threading.Event) -> Iterator[FakeApi]:
 
 
 def docker_backend(fake: FakeApi, **options: Any) -> DockerBackend:
-    client = docker.DockerClient(base_url=fake.url.replace("http://", "tcp://"))
-    return DockerBackend("diffusion-queue", "worker", client=client, **options)
+    base_url = fake.url.replace("http://", "tcp://")
+    return DockerBackend("diffusion-queue", "worker", base_url=base_url, **options)
 
 
 COMPOSE_FILTER = {
@@ -382,11 +392,11 @@ def k8s_api(cluster: Cluster) -> Iterator[FakeApi]:
         yield fake
 
 
-def k8s_backend(fake: FakeApi) -> KubernetesBackend:
+def k8s_backend(fake: FakeApi, **options: Any) -> KubernetesBackend:
     configuration = kubernetes.client.Configuration()
     configuration.host = fake.url
     api_client = kubernetes.client.ApiClient(configuration)
-    return KubernetesBackend("dq-worker", "dq", api_client=api_client)
+    return KubernetesBackend("dq-worker", "dq", api_client=api_client, **options)
 
 
 def test_k8s_lists_running_and_pending_pods(k8s_api: FakeApi) -> None:
@@ -499,3 +509,130 @@ def test_k8s_pools_scale_a_deployment_per_model() -> None:
         ("/apis/apps/v1/namespaces/dq/deployments/dq-worker-sdxl/scale", {"spec": {"replicas": 1}}),
         ("/apis/apps/v1/namespaces/dq/deployments/dq-worker-sd15/scale", {"spec": {"replicas": 1}}),
     ]
+
+
+# --- A hung API server ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hung() -> Iterator[threading.Event]:
+    """Set at the end of the test: until then, a hanging route never answers."""
+    release = threading.Event()
+    yield release
+    release.set()
+
+
+def hangs(release: threading.Event) -> Route:
+    """A route that accepts the request and answers nothing until released."""
+
+    def route(call: Call, _: re.Match[str]) -> Reply:
+        release.wait(60)
+        return 503, {"message": "too late"}
+
+    return route
+
+
+def test_every_docker_call_has_a_deadline(
+    stop_gate: threading.Event, hung: threading.Event
+) -> None:
+    routes = docker_routes(recorded("docker_containers.json"), stop_gate)
+    routes[("GET", API + r"/containers/json")] = hangs(hung)
+    with FakeApi(routes) as fake:
+        backend = docker_backend(fake, timeout_s=0.5)
+        start = time.monotonic()
+        with pytest.raises(requests.exceptions.Timeout):
+            backend.list_workers()
+    assert time.monotonic() - start < 3
+
+
+K8S_CALLS: dict[str, Callable[[KubernetesBackend], object]] = {
+    "list": lambda b: b.list_workers(),
+    "add": lambda b: b.add(1),
+    "drain": lambda b: b.drain("dq-worker-7d9c5b8f6-4kx2p"),
+}
+
+
+@pytest.mark.parametrize("operation", sorted(K8S_CALLS))
+def test_every_kubernetes_call_has_a_deadline(operation: str, hung: threading.Event) -> None:
+    routes = Cluster().routes()
+    routes[("GET", SCALE)] = hangs(hung)
+    with FakeApi(routes) as fake:
+        backend = k8s_backend(fake, timeout_s=0.5)
+        start = time.monotonic()
+        with pytest.raises(urllib3.exceptions.HTTPError):  # a read timeout, retried or not
+            K8S_CALLS[operation](backend)
+    assert time.monotonic() - start < 5
+
+
+def control_loop(rclient: redis.Redis, backend: Any, interval_s: float) -> ControlLoop:
+    """The scaler's loop on the test's Redis, offering the sweep every tick."""
+    store = store_with(rclient, margin=2)
+    recovery = Recovery(rclient, store, RecoveryConfig(heartbeat_ttl_s=1.0, interval_s=0.01))
+    policy = PolicyConfig(min_workers=0, max_workers=10, interval_s=interval_s)
+    pool = Pool("m", backend, policy, Reading("m", heartbeat_ttl_s=1.0))
+    return ControlLoop(rclient, [pool], recovery, interval_s)
+
+
+def test_a_hung_engine_does_not_stop_the_scalers_recovery(
+    rclient: redis.Redis, stop_gate: threading.Event, hung: threading.Event
+) -> None:
+    routes = docker_routes(recorded("docker_containers.json"), stop_gate)
+    listed = threading.Event()
+
+    def hang_once_listed(call: Call, match: re.Match[str]) -> Reply:
+        listed.set()
+        return hangs(hung)(call, match)
+
+    routes[("GET", API + r"/containers/json")] = hang_once_listed
+    with FakeApi(routes) as fake:
+        loop = control_loop(rclient, docker_backend(fake, timeout_s=0.5), interval_s=0.1)
+        ticking = threading.Thread(target=loop.run, daemon=True)
+        ticking.start()
+        try:
+            assert listed.wait(10)  # a tick is stuck in the engine now
+            store = store_with(rclient, margin=2)
+            job_id = submit(store)
+            assert claim(store, job_id) == 1
+            rclient.zadd(keys.RUNNING, {job_id: time.time() - 1})  # its worker died
+            deadline = time.monotonic() + 10
+            while rclient.hget(keys.job(job_id), "status") != "queued":
+                assert time.monotonic() < deadline, "no sweep ran after the engine hung"
+                time.sleep(0.05)
+        finally:
+            loop.stop()
+            ticking.join(5)
+    assert not ticking.is_alive()
+
+
+def test_a_scaler_that_lost_its_lock_mid_tick_applies_nothing(
+    rclient: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = Cluster()
+    routes = cluster.routes()
+    list_pods = routes[("GET", PODS)]
+    rival = Lock(rclient, ttl_s=10)
+    steal = threading.Event()
+
+    def slow_listing(call: Call, match: re.Match[str]) -> Reply:
+        if steal.is_set():  # the tick took longer than the lock's TTL; another scaler took it
+            rclient.delete(keys.SCALER_LOCK)
+            assert rival.hold()
+        return list_pods(call, match)
+
+    routes[("GET", PODS)] = slow_listing
+    store = store_with(rclient, margin=2)
+    for _ in range(40):
+        submit(store)  # work for five workers, two run
+    with FakeApi(routes) as fake:
+        loop = control_loop(rclient, k8s_backend(fake), interval_s=1.0)
+        steal.set()
+        assert loop.tick() is None
+        assert fake.requests("PATCH") == []
+        assert heartbeats.scaler_status(rclient) is None
+        assert "lost the scaler lock during the tick" in caplog.text
+        rival.release()
+        steal.clear()
+        decisions = loop.tick()  # the same tick, the lock kept: it applies
+        assert decisions is not None
+        assert decisions["m"].desired == 5
+        assert fake.requests("PATCH") == [("PATCH", SCALE)]

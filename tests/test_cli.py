@@ -17,7 +17,7 @@ import pytest
 from core.embedded import free_port
 from core.errors import ConfigError
 from core.settings import load_settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 
 def descendants(pid: int) -> set[int]:
@@ -103,8 +103,7 @@ def test_dq_up_serves_a_job_and_ctrl_c_stops_everything(tmp_path: Path, model_ca
     # Not Celery's banner, nor its warning to every worker run as root, nor library chatter.
     for noise in ("[config]", "[queues]", ".> transport:", "superuser", "celery.", "Warning"):
         assert noise not in text, noise
-    time.sleep(0.5)
-    assert [p for p in family if alive(p)] == []
+    wait_until(lambda: not [p for p in family if alive(p)], 5, "every process of dq up to exit")
 
 
 def test_dq_up_will_not_serve_an_open_api_beyond_loopback(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from redis.exceptions import ResponseError
 from api.resources import Throughput
 from core import heartbeats
 from core.coalesce import ScriptBatcher
-from core.embedded import free_port
+from core.embedded import EmbeddedRedis, free_port
 from core.heartbeats import WorkerBeat, WorkerState
 
 from .conftest import ALICE_KEY, ROOT
@@ -39,21 +39,25 @@ def clients_connected(client: redis.Redis) -> int:
 
 
 def test_concurrent_script_calls_share_round_trips_and_each_gets_its_own_reply(
-    redis_url: str, rclient: redis.Redis
+    private_redis: EmbeddedRedis,
 ) -> None:
+    rclient = redis.Redis.from_url(private_redis.url, decode_responses=True)
+
     async def scenario() -> list[object]:
-        async with AsyncRedis.from_url(redis_url, decode_responses=True) as client:
+        async with AsyncRedis.from_url(private_redis.url, decode_responses=True) as client:
             batcher = ScriptBatcher(client, ECHO)
             args = ["bad" if i % 10 == 3 else f"v{i}" for i in range(200)]
             replies = await asyncio.gather(
                 *(batcher(["count"], [a]) for a in args), return_exceptions=True
             )
-            # Every call was a script run of its own, over one or two connections, not 200.
+            # Every call was a script run of its own, over one or two connections, not 200
+            # (the third is this test's own client).
             assert clients_connected(rclient) <= 3
             return replies
 
     replies = asyncio.run(scenario())
     assert rclient.get("count") == "200"
+    rclient.close()
     for i, reply in enumerate(replies):
         if i % 10 == 3:
             assert isinstance(reply, ResponseError)
@@ -97,8 +101,10 @@ def test_when_redis_is_unreachable_every_waiting_call_fails_with_the_connection_
 
 
 def test_a_burst_of_requests_reads_the_workers_throughput_once(
-    redis_url: str, rclient: redis.Redis
+    private_redis: EmbeddedRedis,
 ) -> None:
+    redis_url = private_redis.url
+    rclient = redis.Redis.from_url(redis_url, decode_responses=True)
     for name, rate in (("w1", 2.0), ("w2", 1.5)):
         now = time.time()
         beat = WorkerBeat(
@@ -117,6 +123,7 @@ def test_a_burst_of_requests_reads_the_workers_throughput_once(
     values = asyncio.run(scenario())
     assert values == [3.5] * 101
     stats = rclient.info("commandstats")
+    rclient.close()
     assert stats["cmdstat_zrangebyscore"]["calls"] == 1
     assert stats["cmdstat_mget"]["calls"] == 1
 
@@ -185,6 +192,24 @@ def wait_serving(url: str, process: subprocess.Popen[bytes], count: int) -> list
     raise AssertionError("the gateway processes did not come up")
 
 
+def wait_accepting(url: str, port: int, pids: list[int], timeout: float = 60) -> None:
+    """Open connections until each of `pids` has accepted one (is past its startup)."""
+    probes: list[httpx.Client] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            probe = httpx.Client(base_url=url, timeout=timeout)
+            probes.append(probe)
+            assert probe.get("/healthz").status_code == 200
+            open_here = established_on(port)
+            if all(sockets_of(pid) & open_here for pid in pids):
+                return
+            assert time.monotonic() < deadline, "a gateway process accepts no connection"
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT spreads connections on Linux")
 def test_workers_share_the_port_and_connections_spread_over_them(
     multi_gateway: tuple[subprocess.Popen[bytes], int],
@@ -192,7 +217,7 @@ def test_workers_share_the_port_and_connections_spread_over_them(
     process, port = multi_gateway
     url = f"http://127.0.0.1:{port}"
     kids = wait_serving(url, process, 2)
-    time.sleep(3)  # both processes past their startup, so each one's socket is being accepted
+    wait_accepting(url, port, kids)
 
     # 60 keep-alive connections opened at once, as a burst of clients would.
     clients = [

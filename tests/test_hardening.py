@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from core import keys
+from core.embedded import EmbeddedRedis
 from core.errors import ConfigError
 from core.jobs import JobRequest, JobStatus, Metrics, StoredImage, new_job_id
 from core.settings import load_settings
@@ -277,9 +278,24 @@ def test_a_cursor_this_api_did_not_make_is_a_422(client: httpx.Client, raw: byte
     assert error_of(resp)["field"] == "cursor"
 
 
+@pytest.fixture
+def counted(
+    env: dict[str, str],
+    private_redis: EmbeddedRedis,
+    gateway_factory: Callable[[dict[str, str]], Gateway],
+) -> Iterator[tuple[httpx.Client, redis.Redis]]:
+    """Alice's client on a gateway whose Redis serves this test alone: its commands are counted."""
+    gw = gateway_factory({**env, "DQ_REDIS_URL": private_redis.url})
+    r = redis.Redis.from_url(private_redis.url, decode_responses=True)
+    with client_for(gw) as c:
+        yield c, r
+    r.close()
+
+
 def test_an_id_not_of_the_job_id_form_is_404_before_redis_is_asked(
-    client: httpx.Client, rclient: redis.Redis
+    counted: tuple[httpx.Client, redis.Redis],
 ) -> None:
+    client, rclient = counted
     job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200
     rclient.config_resetstat()
@@ -472,9 +488,11 @@ def test_docs_render_in_a_browser_with_no_network(
 
 
 def test_a_status_filtered_list_reads_a_bounded_slice_per_request(
-    client: httpx.Client, rclient: redis.Redis
+    counted: tuple[httpx.Client, redis.Redis],
 ) -> None:
     from api.routes import LIST_SCAN
+
+    client, rclient = counted
 
     total = 3000
     pipe = rclient.pipeline(transaction=False)

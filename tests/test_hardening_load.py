@@ -23,7 +23,7 @@ import redis
 from core.jobs import JobStatus, StoredImage
 from core.storage import FileStore
 from tests.conftest import ALICE_KEY, ROOT, WorkerProcess, client_for, settings_from, wait_for
-from tests.test_gateway import wait_serving
+from tests.test_gateway import wait_accepting, wait_serving
 from tests.test_hardening import put_job
 
 # The gateway processes here start with the soft open-files limit many systems default to; the
@@ -256,7 +256,7 @@ def test_every_gateway_process_checks_the_urls_any_other_minted(
     gw = GatewayProcess(env, tmp_path / "gateways.log", "--workers", "2")
     try:
         pids = wait_serving(gw.url, gw.process, 2)
-        time.sleep(2)  # both processes accepting
+        wait_accepting(gw.url, gw.port, pids)
         for _ in range(30):  # each URL minted on a new connection, fetched on another
             auth = {"Authorization": f"Bearer {ALICE_KEY}"}
             job = httpx.get(f"{gw.url}/v1/jobs/{job_id}", headers=auth, timeout=10).json()

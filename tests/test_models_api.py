@@ -127,7 +127,7 @@ def test_lora_upload_data_uri_and_defaults_run_end_to_end(
         assert jobs["edit"]["request"]["strength"] == 0.5
         assert image_of(client, gateway, jobs["base"]) != image_of(client, gateway, jobs["lora"])
         # The model's defaults fill what a request leaves out, and the job says what ran.
-        assert (defaults["request"]["width"], defaults["request"]["steps"]) == (512, 25)
+        assert (defaults["request"]["width"], defaults["request"]["steps"]) == (64, 10)
         assert client.delete(f"/v1/jobs/{defaults['id']}").status_code == 204
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -244,10 +245,21 @@ def test_growing_backlog_is_sized_for_where_it_will_be() -> None:
     )
 
 
-def test_decide_is_pure() -> None:
+def test_decide_depends_on_its_arguments_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No memory between calls but the state it returns, and no clock but `now`."""
     signals = Signals(10, 5, oldest_wait_s=3.0, workers=(busy("a", 1.5), idle("b", 2.0)))
     state = PolicyState(history=((50.0, 2),), last_busy=50.0, last_backlog=(95.0, 9), growth=0.4)
-    assert decide(signals, 2, state, CONFIG, 100.0) == decide(signals, 2, state, CONFIG, 100.0)
+    first = decide(signals, 2, state, CONFIG, 100.0)
+    # Other decisions in between, on other states, clocks and knobs...
+    run([(0.0, Signals(80, 8, workers=(busy("x"),)), 1), (5.0, quiet(idle("x", 1.0)), 9)])
+    decide(quiet(), 0, PolicyState(), replace(CONFIG, min_workers=0), 1e9)
+    # ... and a wall clock stopped in 1970: the same question gets the same answer.
+    for clock in ("time", "monotonic", "perf_counter"):
+        monkeypatch.setattr(time, clock, lambda: 0.0)
+    assert decide(signals, 2, state, CONFIG, 100.0) == first
+    assert first[0] == Decision(
+        2, "backlog 15 jobs growing 0.63/s at 1.5 img/s/worker needs 2 workers for a 10 s wait"
+    )
 
 
 @pytest.mark.parametrize(

@@ -352,6 +352,13 @@ def pool(r: redis.Redis, model: str) -> tuple[int, int] | None:
     return None if status is None else (status.current, status.desired)
 
 
+def gateway_sees_no_worker(client: httpx.Client, model: str) -> bool:
+    """Whether GET /v1/models says `model` has no worker serving or starting."""
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    state = models[model]["state"]
+    return state["workers_serving"] == 0 and state["workers_starting"] == 0
+
+
 class Traffic:
     """One user sending jobs for one model, one after another, on a thread of its own."""
 
@@ -425,6 +432,10 @@ def test_two_models_in_one_dq_up_each_with_its_own_pool(
             "tiny-sd2's pool back at zero",
         )
         to_zero = time.monotonic() - t_idle
+        # The gateway reads heartbeats at most once a second: wait until it, too, sees none.
+        wait_until(
+            lambda: gateway_sees_no_worker(client, "tiny-sd2"), 10, "the gateway to see no worker"
+        )
         served_before = len(steady.jobs)
         t1 = time.monotonic()
         again = submit(client, "tiny-sd2", "the cold model again")

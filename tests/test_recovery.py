@@ -11,7 +11,6 @@ import pytest
 import redis
 
 from core import broker, heartbeats, keys
-from core.catalog import Catalog
 from core.heartbeats import WorkerBeat, WorkerState
 from core.jobs import JobStatus
 from core.recovery import Recovery, RecoveryConfig
@@ -19,6 +18,7 @@ from core.storage import FileStore, image_key
 from core.store import Change, JobStore, Ledger
 from tests.conftest import WorkerProcess, settings_from
 from tests.test_store import claim, dispatched, record, store_with, submit
+from worker.app import served
 
 QUEUE = "dq.jobs.m"
 
@@ -70,10 +70,57 @@ def test_a_dispatched_job_a_dead_worker_held_goes_out_again_at_once(rclient: red
     heartbeats.publish(rclient, beat("dead@x", [held_by_dead], now - 60))
     heartbeats.publish(rclient, beat("live@x", [held_by_live], now))
     sweep = recovery(store, heartbeat_ttl_s=5.0)
-    rclient.zadd(keys.dispatched("m"), {held_by_dead: now - 30, held_by_live: now - 30})
+    rclient.zadd(keys.dispatched("m"), {held_by_dead: now - 90, held_by_live: now - 90})
     assert sweep.sweep().redispatched == 1  # not waiting for a second sweep: its holder is dead
     assert [m for m in rclient.lrange(QUEUE, 0, -1) if held_by_dead in str(m)]
     assert not [m for m in rclient.lrange(QUEUE, 0, -1) if held_by_live in str(m)]
+
+
+def test_a_worker_beating_with_a_stale_loop_holds_nothing(rclient: redis.Redis) -> None:
+    store = store_with(rclient, margin=2)
+    job_id = submit(store)
+    rclient.delete(QUEUE)  # its message went to a worker whose pipeline then hung
+    now = time.time()
+    hung = beat("hung@x", [job_id], now).model_copy(update={"loop_at": now - 600})
+    heartbeats.publish(rclient, hung)  # its heartbeat thread beats on
+    rclient.zadd(keys.dispatched("m"), {job_id: now - 30})
+    swept = recovery(store, heartbeat_ttl_s=5.0, loop_stale_s=120.0, lost_s=60.0).sweep()
+    assert swept.redispatched == 1
+    assert [m for m in rclient.lrange(QUEUE, 0, -1) if job_id in str(m)]
+
+
+def test_a_dead_workers_last_beat_says_nothing_of_the_jobs_later_dispatches(
+    rclient: redis.Redis,
+) -> None:
+    store = store_with(rclient, margin=2)
+    job_id = submit(store)
+    rclient.delete(QUEUE)  # a live worker took its message, and is reading its record
+    now = time.time()
+    # A worker that died a minute ago held the job's first dispatch; it went out again since.
+    heartbeats.publish(rclient, beat("dead@x", [job_id], now - 60))
+    rclient.zadd(keys.dispatched("m"), {job_id: now - 30})
+    assert recovery(store, heartbeat_ttl_s=5.0, lost_s=60.0).sweep().redispatched == 0
+    assert rclient.llen(QUEUE) == 0
+
+
+def test_a_message_a_dead_worker_took_after_its_last_beat_goes_out_again_at_once(
+    rclient: redis.Redis,
+) -> None:
+    store = store_with(rclient, margin=2)
+    job_id = submit(store)
+    (message,) = [m for m in rclient.lrange(QUEUE, 0, -1) if job_id in str(m)]
+    # kombu took the message off the list and recorded it as received; its worker was killed
+    # before its next heartbeat named the job.
+    rclient.lrem(QUEUE, 1, message)
+    now = time.time()
+    rclient.hset(broker.UNACKED, "tag-1", json.dumps([json.loads(message), "", QUEUE]))
+    rclient.zadd(broker.UNACKED_INDEX, {"tag-1": now - 30})
+    heartbeats.publish(rclient, beat("dead@x", [], now - 60))
+    rclient.zadd(keys.dispatched("m"), {job_id: now - 30})
+    swept = recovery(store, heartbeat_ttl_s=5.0, lost_s=60.0).sweep()
+    assert (swept.redispatched, swept.forgotten) == (1, 1)  # not DQ_LOST_MESSAGE_S later
+    assert [m for m in rclient.lrange(QUEUE, 0, -1) if job_id in str(m)]
+    assert rclient.hlen(broker.UNACKED) == 0
 
 
 def test_a_lost_dispatch_goes_out_again_after_two_sweeps_and_runs_once(
@@ -83,7 +130,7 @@ def test_a_lost_dispatch_goes_out_again_after_two_sweeps_and_runs_once(
 ) -> None:
     settings = settings_from(env)
     store = JobStore(rclient, Ledger.of(settings))
-    model = Catalog.from_settings(settings).default
+    model = served(settings)
     queue = store.ledger.queue_of(model)
     ids = [store.submit(record(model=model)).value for _ in range(2)]
     for job_id in ids:

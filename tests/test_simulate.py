@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,10 @@ def test_ours_costs_less_than_keda_through_the_day(seed: int) -> None:
 
 
 def test_a_seed_replays_exactly() -> None:
-    assert compare(burst(7)) == compare(burst(7))
+    first = compare(burst(7))
+    random.seed(12345)  # the process's own random state moved on: the replay must not care
+    compare(burst(8))
+    assert compare(burst(7)) == first
     assert burst(7).arrivals != burst(8).arrivals
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -12,7 +14,8 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 
-from tests.conftest import Gateway, WorkerProcess, client_for, wait_for
+from tests.conftest import Gateway, WorkerProcess, client_for
+from tests.fault_parts import FaultRow, ended, pipeline_runs
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +97,16 @@ def job_through(
     proxy: FaultProxy,
     gateway_factory: Callable[[dict[str, str]], Gateway],
     worker_factory: Callable[..., WorkerProcess],
-) -> dict[str, Any]:
-    """Run one job with S3 behind the proxy failing `failures` uploads (-1: all); the ended job."""
+) -> tuple[dict[str, Any], Counter[str]]:
+    """Run one job with S3 behind the proxy failing `failures` uploads (-1: all); the ended job
+    and the pipeline runs its worker logged."""
     s3_env = {**env, "DQ_STORAGE_URL": "s3://flaky/out", "DQ_S3_ENDPOINT_URL": proxy.url}
-    worker_factory(s3_env)
+    worker = worker_factory(s3_env)
     proxy.failures = failures
     with client_for(gateway_factory(s3_env)) as client:
-        return wait_for(client, client.post("/v1/jobs", json=SMALL).json()["id"], timeout=120)
+        job_id = client.post("/v1/jobs", json=SMALL).json()["id"]
+        job = ended(client, [job_id], 120)[job_id]
+    return job, pipeline_runs(worker.log_path)
 
 
 def test_storage_errors_are_retried_then_succeed(
@@ -109,10 +115,12 @@ def test_storage_errors_are_retried_then_succeed(
     gateway_factory: Callable[[dict[str, str]], Gateway],
     worker_factory: Callable[..., WorkerProcess],
 ) -> None:
-    job = job_through(4, env, proxy, gateway_factory, worker_factory)
+    job, runs = job_through(4, env, proxy, gateway_factory, worker_factory)
+    row = FaultRow.of("S3 answering 503 four times, then healthy", {job["id"]: job}, runs, 0)
+    replace(row, outcome=f"{job['status']} after {proxy.failed} failed uploads").print()
     assert job["status"] == "succeeded", job
     assert proxy.failed == 4
-    print(f"\nFAULT S3 503 x4 then healthy: job succeeded after {proxy.failed} failed uploads")
+    assert (row.lost, row.second_attempt, row.run_twice) == (0, 0, 0)
 
 
 def test_storage_down_for_good_fails_the_job_with_a_storage_error(
@@ -121,8 +129,10 @@ def test_storage_down_for_good_fails_the_job_with_a_storage_error(
     gateway_factory: Callable[[dict[str, str]], Gateway],
     worker_factory: Callable[..., WorkerProcess],
 ) -> None:
-    job = job_through(-1, env, proxy, gateway_factory, worker_factory)
+    job, runs = job_through(-1, env, proxy, gateway_factory, worker_factory)
+    row = FaultRow.of("S3 down for good", {job["id"]: job}, runs, 0)
+    replace(row, outcome=f"{job['status']} `{job['error']['code']}`").print()
     assert job["status"] == "failed"
     assert job["error"]["code"] == "storage_error"
     assert job["outputs"] == []
-    print(f"\nFAULT S3 down for good: job failed ({job['error']['message']}) after {proxy.failed}")
+    assert (row.lost, row.second_attempt, row.run_twice) == (0, 0, 0)

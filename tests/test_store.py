@@ -305,3 +305,17 @@ def test_an_unreadable_record_is_quarantined_and_then_reads(store: JobStore) -> 
     assert rec.error is not None
     assert rec.error.code == "unreadable_record"
     assert (rec.request.prompt, rec.request.metadata) == ("p", {})
+
+
+def test_a_buffered_duplicate_handed_back_never_takes_a_running_job(store: JobStore) -> None:
+    # A worker draining (or dying) hands back the jobs of the messages it buffered; one may be a
+    # duplicate of a job that runs, on it or elsewhere: that job must stay with its attempt.
+    job_id = submit(store)
+    assert claim(store, job_id, "w1") == 1
+    assert not store.change(Change("undispatch", job_id)).ok
+    running = store.get(job_id)
+    assert running is not None
+    assert (running.status, running.attempt, running.worker) == (JobStatus.RUNNING, 1, "w1")
+    waiting = submit(store)  # dispatched (the claim freed the window), not claimed
+    assert store.change(Change("undispatch", waiting)).ok
+    assert dispatched(store) == [waiting]  # back at the front of its line, and out again

@@ -11,17 +11,25 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from api.watch import FALLBACK_S
+from core import keys
 from core.embedded import EmbeddedRedis
-from tests.conftest import ALICE_KEY, BOB_KEY, Gateway, WorkerProcess, client_for
+from tests.conftest import ALICE_KEY, BOB_KEY, Gateway, WorkerProcess, client_for, wait_until
 
 GOOD = {"prompt": "a cat", "width": 64, "height": 64, "steps": 2}
 
 
-def later(seconds: float, action: Callable[[], Any]) -> threading.Thread:
-    """Run `action` after `seconds` in a thread."""
-    thread = threading.Thread(target=lambda: (time.sleep(seconds), action()), daemon=True)
+def once_waiting(gw: Gateway, job_id: str, action: Callable[[], Any]) -> threading.Thread:
+    """Run `action` in a thread as soon as a request of `gw` waits on `job_id`."""
+
+    def run() -> None:
+        waiters = gw.app.state.resources.watcher.waiters
+        wait_until(lambda: waiters.get(job_id), 10, f"a request waiting on {job_id}")
+        action()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
 
@@ -37,9 +45,11 @@ def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
             event = None
 
 
-def test_a_long_poll_answers_the_moment_the_job_ends(client: httpx.Client) -> None:
+def test_a_long_poll_answers_the_moment_the_job_ends(
+    gateway: Gateway, client: httpx.Client
+) -> None:
     job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
-    later(0.3, lambda: client.post(f"/v1/jobs/{job_id}/cancel"))
+    once_waiting(gateway, job_id, lambda: client.post(f"/v1/jobs/{job_id}/cancel"))
     start = time.monotonic()
     resp = client.get(f"/v1/jobs/{job_id}", params={"wait": 30})
     took = time.monotonic() - start
@@ -83,9 +93,11 @@ def test_a_long_poll_on_another_tenants_job_is_not_found(gateway: Gateway) -> No
         assert bob.get(f"/v1/jobs/{job_id}", params={"wait": 5}).status_code == 404
 
 
-def test_the_event_stream_sends_each_change_and_ends_with_the_job(client: httpx.Client) -> None:
+def test_the_event_stream_sends_each_change_and_ends_with_the_job(
+    gateway: Gateway, client: httpx.Client
+) -> None:
     job_id = client.post("/v1/jobs", json=GOOD).json()["id"]
-    later(0.3, lambda: client.post(f"/v1/jobs/{job_id}/cancel"))
+    once_waiting(gateway, job_id, lambda: client.post(f"/v1/jobs/{job_id}/cancel"))
     start = time.monotonic()
     with client.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
@@ -99,21 +111,34 @@ def test_waiting_survives_a_redis_restart(
     env: dict[str, str], gateway_factory: Callable[[dict[str, str]], Gateway], tmp_path: Any
 ) -> None:
     own = EmbeddedRedis(tmp_path / "r", aof=True).start()
+    r = redis.Redis.from_url(own.url, decode_responses=True)
+
+    def subscribers() -> int:
+        """The gateway's subscriptions to the change channel, as Redis counts them."""
+        try:
+            return int(dict(r.pubsub_numsub(keys.CHANGES))[keys.CHANGES])
+        except redis.RedisError:
+            return -1
+
     gw = gateway_factory({**env, "DQ_REDIS_URL": own.url})
-    with client_for(gw) as c:
-        job_id = c.post("/v1/jobs", json=GOOD).json()["id"]
+    try:
+        with client_for(gw) as c:
+            job_id = c.post("/v1/jobs", json=GOOD).json()["id"]
+            wait_until(lambda: subscribers() == 1, 10, "the gateway to subscribe")
+            own.stop()
+            own.start()  # same port, same data (AOF); a new server knows no subscriber
+            wait_until(lambda: subscribers() == 1, 15, "the gateway to subscribe again")
+            wait_until(
+                lambda: c.get(f"/v1/jobs/{job_id}").status_code == 200, 10, "reads to come back"
+            )
+            once_waiting(gw, job_id, lambda: c.post(f"/v1/jobs/{job_id}/cancel"))
+            start = time.monotonic()
+            assert c.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"] == "canceled"
+            # Woken by the channel (milliseconds), not by the re-reads of an unsubscribed waiter.
+            assert time.monotonic() - start < FALLBACK_S - 1
+    finally:
+        r.close()
         own.stop()
-        own.start()  # same port, same data (AOF)
-        deadline = time.monotonic() + 10
-        while c.get(f"/v1/jobs/{job_id}").status_code != 200:
-            assert time.monotonic() < deadline, "the gateway did not reconnect"
-            time.sleep(0.1)
-        time.sleep(1.0)  # the subscription comes back within its reconnect backoff
-        later(0.3, lambda: c.post(f"/v1/jobs/{job_id}/cancel"))
-        start = time.monotonic()
-        assert c.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"] == "canceled"
-        assert time.monotonic() - start < FALLBACK_S - 1
-    own.stop()
 
 
 def test_with_a_worker_the_stream_shows_progress_and_the_long_poll_the_images(

@@ -8,9 +8,12 @@ before any step stops), so the running batch finishes and buffered messages go b
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, bootsteps
@@ -19,13 +22,14 @@ from celery.utils.log import get_logger
 
 from core import connections
 from core.broker import GENERATE_TASK
-from core.catalog import Catalog, worker_model
+from core.catalog import Catalog, ModelSpec, worker_model
+from core.loras import LoraCatalog
 from core.recovery import Recovery, RecoveryConfig
 from core.settings import Settings
 from core.storage import open_store
 from core.store import JobStore, Ledger
 from core.tracing import Tracing
-from worker.batch import BatchContext
+from worker.batch import BatchContext, Generator
 from worker.batcher import Limits
 from worker.celeryapp import at_least_once
 from worker.inputs import InputLimits, InputLoader
@@ -156,12 +160,11 @@ def build_runner(settings: Settings, name: str, tracing: Tracing | None = None) 
     )
 
     def make_context() -> BatchContext:
-        from worker.inference import load_engine
         from worker.models import set_cpu_threads
 
         set_cpu_threads(settings.cpu_threads)
         lora_cache_bytes = settings.lora_cache_mb * 1024 * 1024
-        engine = load_engine(
+        engine = engine_loader(settings)(
             catalog.get(model), settings.model_cache, catalog.loras, lora_cache_bytes
         )
         prefix = getattr(storage, "prefix", "")
@@ -183,6 +186,7 @@ def build_runner(settings: Settings, name: str, tracing: Tracing | None = None) 
     supervision = Supervision(
         max_failures=settings.max_loop_failures,
         cancel_grace_s=settings.cancel_grace_s,
+        loop_stale_s=settings.loop_stale_s,
         sweep=recovery.offer,
     )
     return Runner(
@@ -197,6 +201,24 @@ def build_runner(settings: Settings, name: str, tracing: Tracing | None = None) 
         prefetch=prefetch_of(settings),
         supervision=supervision,
     )
+
+
+EngineLoader = Callable[[ModelSpec, Path, LoraCatalog | None, int], Generator]
+
+
+def engine_loader(settings: Settings) -> EngineLoader:
+    """What loads the engine: `DQ_ENGINE_FACTORY`'s `module:function`, else the diffusers one.
+
+    Called in the batch loop's thread, so a factory that cannot be imported or that raises is a
+    model that failed to load (the worker exits with EXIT_MODEL_FAILED).
+    """
+    if settings.engine_factory is None:
+        from worker.inference import load_engine
+
+        return load_engine
+    module, _, name = settings.engine_factory.partition(":")
+    factory: EngineLoader = getattr(importlib.import_module(module), name)
+    return factory
 
 
 def default_name() -> str:

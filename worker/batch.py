@@ -122,6 +122,7 @@ def patiently(ctx: BatchContext, what: str, write: Callable[[], T]) -> T:
             if time.monotonic() > deadline:
                 raise
             log.warning("the ledger is unreachable while %s (%s); retrying", what, e)
+            ctx.on_step()  # waiting for the ledger is not a wedged loop
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
 
@@ -172,6 +173,10 @@ def renew(ctx: BatchContext, claims: Sequence[Claim], **fields: object) -> None:
 def _refused(c: Claim, applied: Applied) -> None:
     if applied.before == JobStatus.CANCELED.value:
         log.info("job %s was canceled while running", c.job_id)
+    elif (applied.before, applied.attempt) == (JobStatus.SUCCEEDED.value, c.attempt):
+        # Only this attempt can have written that: its first write applied, and its reply was
+        # lost (a timeout) before the retry.
+        log.info("job %s: attempt %d's outcome was recorded already", c.job_id, c.attempt)
     else:
         log.warning(
             "job %s: attempt %d no longer holds the job (it is %s, attempt %d); "

@@ -11,6 +11,8 @@ No thread dies silently. A failure of the batch loop is logged with its jobs and
 pause; a model that cannot load, or the same failure `max_failures` times in a row, ends the
 process with a non-zero code so that its supervisor replaces it. So does a call whose every row
 was canceled and that will not stop: a worker would rather restart than finish work nobody wants.
+So does what no `except Exception` sees (a library's SystemExit) and a work loop that stopped
+moving (a wedged call): the heartbeat thread would otherwise renew the leases of its jobs forever.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from redis import Redis
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 EXIT_MODEL_FAILED = 3  # the model could not be loaded
 EXIT_LOOP_FAILED = 4  # the batch loop failed the same way too many times in a row
 EXIT_ABANDONED = 5  # a canceled call would not stop: restart rather than finish it
+STORE_GRACE_S = 30.0  # on the way out, how long a batch being stored may take to finish
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Supervision:
 
     max_failures: int = 5  # the same batch-loop failure this many times in a row: exit
     cancel_grace_s: float = 10.0  # a fully canceled call still running after this: exit
+    loop_stale_s: float = 120.0  # the work loop has not moved for this long (a wedged call): exit
     sweep: Callable[[], object] | None = None  # the recovery sweep this worker offers to run
 
 
@@ -119,6 +123,7 @@ class Runner:
         self.ctx: BatchContext | None = None
         self.threads: list[threading.Thread] = []
         self.failures: tuple[str, int] = ("", 0)  # the last loop failure and how often in a row
+        self.looked_at: float | None = None  # when the heartbeat thread last checked the loop
 
     # --- called from Celery's consumer thread -------------------------------------------------
 
@@ -162,7 +167,9 @@ class Runner:
             self.pending.clear()
         for job_id, delivery in returned:
             try:
-                self.store.change(Change("handback", job_id))
+                # Only if still dispatched: a duplicate message of a job running (here or
+                # anywhere) must never take it from its attempt.
+                self.store.change(Change("undispatch", job_id))
                 delivery.ack_now()
             except RedisError:
                 delivery.requeue_now()  # the ledger is away: the message goes back instead
@@ -172,6 +179,9 @@ class Runner:
         """End the process for its supervisor to replace it, handing back what can be."""
         log.critical("worker %s exits (code %d): %s", self.name, code, why)
         self.stopping.set()
+        stored = self.stored
+        if stored is not None:  # images made are worth the wait: their jobs need no second run
+            wait([stored], timeout=STORE_GRACE_S)
         try:
             self._hand_back()
             heartbeats.retire(self.redis, self.name, self.model)
@@ -183,6 +193,17 @@ class Runner:
     # --- the batch loop ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:
+            # Not an Exception (those are handled round by round): a SystemExit raised by a
+            # library, say. Left alone it would end this thread without a word, the heartbeat
+            # thread going on as if the worker worked.
+            notes = "; ".join(getattr(e, "__notes__", []))
+            log.critical("the batch loop broke off: %r %s", e, notes, exc_info=True)
+            self.fatal(EXIT_LOOP_FAILED, f"the batch loop broke off ({e!r}) {notes}".strip())
+
+    def _serve(self) -> None:
         try:
             self.ctx = self.make_context()  # loads the model: the slow part of starting
         except Exception as e:
@@ -242,9 +263,10 @@ class Runner:
         start = time.monotonic()
         try:
             ran = run_models(self.ctx, records, bucket, self.limits.capacity(bucket))
-        except BaseException:
+        except BaseException as e:
             # The claims failed (the ledger is away) or the loop broke: the messages go back,
-            # and the ledger decides what runs.
+            # and the ledger decides what runs. Whoever logs the error names the jobs.
+            e.add_note(f"the batch's jobs: {','.join(r.id for r in records)}")
             self._settle_all(deliveries, ack=False)
             raise
         finally:
@@ -340,6 +362,7 @@ class Runner:
         while True:
             try:
                 self.beat()
+                self._watch_loop()
                 self._watch_canceled_call()
                 if self.supervision.sweep is not None and self.ctx is not None:
                     self.supervision.sweep()
@@ -349,6 +372,26 @@ class Runner:
                 log.exception("heartbeat failed; beating on")
             if self.silenced.wait(self.heartbeat_s):
                 return
+
+    def _watch_loop(self) -> None:
+        """Exit when the work loop has not moved for `loop_stale_s` (a wedged call, a deadlock).
+
+        The leases of its jobs then run out and the sweep hands them back; staying, this thread
+        would renew them for as long as the process lives. A process that was frozen as a whole
+        (SIGSTOP, a paused VM) froze this thread too: that is not a stuck loop, so look again.
+        """
+        now = time.time()
+        looked_at, self.looked_at = self.looked_at, now
+        ctx, loop_at, stale_s = self.ctx, self.loop_at, self.supervision.loop_stale_s
+        if ctx is None or loop_at is None or self.stopping.is_set() or looked_at is None:
+            return
+        if now - looked_at > stale_s / 2 or now - loop_at <= stale_s:
+            return
+        ids = ",".join(c.job_id for c in ctx.calling) or "none"
+        self.fatal(
+            EXIT_LOOP_FAILED,
+            f"the work loop has not moved for {now - loop_at:.0f} s; the jobs of its call: {ids}",
+        )
 
     def _watch_canceled_call(self) -> None:
         """Abandon a call whose rows were all canceled and that has stopped moving.

@@ -303,6 +303,11 @@ class RetryPump:
             except RedisError as e:
                 log.warning("retry pump: Redis unavailable (%s); retrying in 1 s", e)
                 self.stopped.wait(1)
+            except Exception:
+                # The top of a thread is a loop boundary: a thread that died here would leave
+                # every parked retry parked, and the sender looking healthy.
+                log.exception("retry pump failed; retrying in 1 s")
+                self.stopped.wait(1)
 
 
 class SenderStep(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -3,7 +3,8 @@
 --      progress_every, webhook_queue, incr, d}
 --   op: claim (dispatched -> running, attempt + 1, by A.worker), renew (running, same attempt
 --   and worker), finish (running -> A.to, same attempt and worker), handback (running or
---   dispatched -> the front of its line; the reaper or a drain), cancel, fail (any live place).
+--   dispatched -> the front of its line; the reaper), undispatch (dispatched only -> the front
+--   of its line; a drain's buffer, a lost message), cancel, fail (any live place).
 --   cutoff: refuse unless the lease (running) or the dispatch (dispatched) ended by then.
 --   enter/stay: the webhook event {type, order, message} of entering the status or staying in it.
 --   incr: {{field, n}, ...} added to dq:metrics once, only if the change applies.
@@ -38,6 +39,9 @@ elseif op == 'handback' then
   if (r.place ~= 'R' and r.place ~= 'D') or not same_attempt() then return refuse() end
   if not same_worker() or not ended_by_cutoff() then return refuse() end
   to = 'queued'
+elseif op == 'undispatch' then  -- a dispatched job only: a drain's buffer, a lost message
+  if r.place ~= 'D' or not ended_by_cutoff() then return refuse() end
+  to = 'queued'
 elseif op == 'cancel' or op == 'fail' then
   if r.place == 'T' or not same_attempt() or not ended_by_cutoff() then return refuse() end
   if op == 'cancel' then to = 'canceled' else to = 'failed' end
@@ -58,7 +62,7 @@ if op == 'claim' then
   add_units(r, 'runits', 1)
 elseif op == 'renew' then
   redis.call('ZADD', K.running, A.lease, r.id)
-elseif op == 'handback' then
+elseif op == 'handback' or op == 'undispatch' then
   vacate(r)
   redis.call('HSET', jk, 'status', 'queued')
   count(r, 'queued', 1)
