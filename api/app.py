@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import admin, catalog, docs, errors, openapi, page, routes, uploads
+from api import admin, catalog, docs, errors, openapi, page, queueview, routes, uploads
 from api.metrics import instrument
 from api.middleware import Gate
 from api.resources import build
@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     errors.install(app)
     app.include_router(routes.router)
+    app.include_router(queueview.router)
     app.include_router(catalog.router)
     app.include_router(uploads.router)
     app.include_router(admin.router)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
 import math
@@ -19,11 +18,18 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 
 from api import views
+from api.admission import (
+    admissible,
+    checked_webhook,
+    deadline_of,
+    fingerprint,
+    limit_error,
+    resolved,
+)
 from api.deps import Caller, CallerDep, ResourcesDep
 from api.openapi import EVENTS, FILE, OPEN, SUBMIT_EXAMPLES, EventStream, errors
 from api.resources import Resources
-from core import heartbeats, keys
-from core.choice import check_request
+from core import keys
 from core.deliveries import read_log
 from core.errors import (
     Conflict,
@@ -34,23 +40,20 @@ from core.errors import (
     UnreadableRecord,
     ValidationFailed,
 )
-from core.events import EventType, WebhookSpec
+from core.events import EventType
 from core.jobs import (
     MAX_SEED,
     Job,
     JobCreate,
-    JobRequest,
     JobStatus,
-    LoraRef,
     Metrics,
     Output,
     QueueInfo,
     new_job_id,
 )
+from core.records import JobRecord, Unreadable
 from core.storage import CONTENT_TYPES, FileStore, job_folder
-from core.store import Admission, Change, JobRecord, Place, Unreadable
-from core.tenants import TenantLimits, signing_secrets
-from core.urlguard import check_url
+from core.store import Change, Place
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -61,29 +64,6 @@ class JobPage(BaseModel):
 
     jobs: list[Job]
     next_cursor: str | None
-
-
-class ScalerView(BaseModel):
-    """The autoscaler's last decision."""
-
-    current: int
-    desired: int
-    reason: str
-
-
-class QueueStatus(BaseModel):
-    """The queue as a whole."""
-
-    queued: int
-    running: int
-    workers: int
-    images_per_s: float | None
-    eta_s: float | None
-    scaler: ScalerView | None = None  # None while no scaler is deciding; every pool summed
-    pools: dict[str, ScalerView] = {}  # each model's pool, as the scaler last decided
-    by_priority: dict[str, int] = {}  # jobs waiting per class, all models
-    by_model: dict[str, dict[str, int]] = {}  # per model: waiting per class, dispatched
-    by_tenant: dict[str, int] | None = None  # jobs waiting per tenant (admin keys only)
 
 
 class Redelivery(BaseModel):
@@ -108,28 +88,6 @@ async def render(res: Resources, record: JobRecord, place: Place | None, http: R
         outputs = views.outputs_with_urls(record.outputs, res.storage, res.settings.url_ttl_s, base)
     deliveries = await read_log(res.redis, record.id) if record.webhook else None
     return views.public_job(record, queue=queue, outputs=outputs, deliveries=deliveries)
-
-
-def fingerprint(request: JobCreate) -> str:
-    """What makes two submissions 'the same' for Idempotency-Key: the body as sent (fields left
-    at their defaults left out, so a field added later does not change it)."""
-    body = request.model_dump(mode="json", exclude_defaults=True)
-    canonical = json.dumps(body, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-async def checked_webhook(res: Resources, tenant: str, spec: WebhookSpec | None) -> None:
-    """Refuse a webhook this server cannot sign or must not call (the guard runs again at send)."""
-    if spec is None:
-        return
-    if not signing_secrets(res.settings, tenant, None):
-        raise ValidationFailed(
-            "webhooks are not enabled on this server: its operator must set DQ_SECRET_KEY",
-            field="webhook",
-            code="webhooks_disabled",
-        )
-    # Resolving the host blocks; keep it off the event loop.
-    await asyncio.to_thread(check_url, spec.url, allow_private=res.settings.webhook_allow_private)
 
 
 def json_of(job: Job, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -233,77 +191,6 @@ async def accepted(res: Resources, record: JobRecord, place: Place | None, http:
         log.exception("job %s: admitted, answered without its queue details", record.id)
         queue = None if place is None else QueueInfo(position=place.jobs_ahead + 1, eta_s=None)
         return views.public_job(record, queue=queue, outputs=[])
-
-
-def resolved(res: Resources, request: JobCreate) -> JobRequest:
-    """The request as it will run: its model's defaults filled in, checked against the catalog
-    (model, task, inputs, LoRAs, size, steps), or a 422 naming the field to fix."""
-    checked = check_request(res.catalog, request)
-    spec = checked.spec
-    guidance = request.guidance_scale
-    return request.job_request(
-        model=spec.name,
-        task=checked.task,
-        width=checked.width,
-        height=checked.height,
-        steps=checked.steps,
-        guidance_scale=spec.defaults.guidance_scale if guidance is None else guidance,
-        strength=checked.strength,
-        loras=[LoraRef(name=name, scale=scale) for name, scale in checked.loras],
-    )
-
-
-DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
-UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-MAX_DEADLINE_S = 7 * 86_400
-
-
-def deadline_of(deadline_s: float | None, cancel_after: str | None) -> float | None:
-    """Seconds after submit the job must have finished by: the body's, else the header's."""
-    if deadline_s is not None or cancel_after is None:
-        return deadline_s
-    match = DURATION.fullmatch(cancel_after.strip())
-    seconds = float(match.group(1)) * UNITS_S[match.group(2)] if match else 0.0
-    if not 0 < seconds <= MAX_DEADLINE_S:
-        raise ValidationFailed(
-            "Cancel-After must be a duration such as 30, 90s, 5m or 1h, at most 7 days",
-            field="Cancel-After",
-        )
-    return seconds
-
-
-def admissible(asked: JobRequest, limits: TenantLimits) -> JobRequest:
-    """The request as the tenant's key may have it run, or a 422 naming the limit."""
-    if limits.max_job_units and asked.units > limits.max_job_units:
-        raise ValidationFailed(
-            f"the job is {asked.units:.2f} work units; your key may submit at most "
-            f"{limits.max_job_units:g} per job (fewer images, steps or pixels)",
-            field="body",
-            code="job_too_large",
-        )
-    capped = CLASS_RANK[asked.priority] < CLASS_RANK[limits.max_priority]
-    return asked.model_copy(update={"priority": limits.max_priority}) if capped else asked
-
-
-CLASS_RANK = {klass: i for i, klass in enumerate(keys.CLASSES)}  # 0 = served first
-
-
-def limit_error(admission: Admission, limits: TenantLimits) -> LimitExceeded:
-    """The 429 for a limit the submit script hit, with the IETF RateLimit policy it enforces."""
-    name, retry = admission.limit, admission.retry_after_s
-    if name == "rate":
-        window = max(1, round(limits.burst / limits.rate)) if limits.rate else 1
-        policy = f'"rate";q={limits.burst};w={window}'
-        message = f"over {limits.rate:g} submits/s (burst {limits.burst}); retry in {retry:.1f} s"
-    elif name == "quota":
-        policy = f'"quota";q={limits.quota_units:g};w={round(limits.quota_window_s)}'
-        message = f"over the quota of {limits.quota_units:g} work units per window"
-    else:
-        policy = f'"max_queued";q={limits.max_queued}'
-        message = f"already {limits.max_queued} jobs queued; wait for some to run"
-    return LimitExceeded(
-        message, limit=name, retry_after_s=retry, policy=policy, remaining=admission.remaining
-    )
 
 
 async def _replay(caller: Caller, stored: str, fp: str) -> JobRecord:
@@ -578,72 +465,6 @@ async def _stream(caller: Caller, job_id: str, http: Request) -> AsyncIterator[s
             # A queued job's position moves when others leave the queue: re-read now and then.
             within = QUEUED_REREAD_S if record.status is JobStatus.QUEUED else KEEPALIVE_S
             await waiter.changed(within, subscribed=res.watcher.subscribed)
-
-
-@router.get(
-    "/v1/queue",
-    response_model=QueueStatus,
-    tags=["queue"],
-    summary="The queue: depth, workers, throughput",
-    operation_id="queue_status",
-    responses=errors(401, 429, 503),
-)
-async def queue(caller: CallerDep) -> QueueStatus:
-    """Depth, running jobs, live workers, measured throughput and the wait for a new job."""
-    res = caller.res
-    queued, running = await res.jobs.counts()
-    beats = await heartbeats.live_async(res.redis, res.settings.heartbeat_s * 3)
-    rate = heartbeats.images_per_s(beats)
-    eta = round((queued + 1) / rate, 2) if rate else None
-    pools = await heartbeats.scaler_statuses_async(res.redis)
-    decided = heartbeats.fleet_status(pools)
-    scaler = ScalerView.model_validate(decided.model_dump()) if decided else None
-    by_model, by_tenant = await depths(res, caller.admin)
-    by_priority = {c: sum(m.get(c, 0) for m in by_model.values()) for c in keys.CLASSES}
-    return QueueStatus(
-        queued=queued,
-        running=running,
-        workers=len(beats),
-        images_per_s=rate,
-        eta_s=eta,
-        scaler=scaler,
-        by_priority=by_priority,
-        by_model=by_model,
-        by_tenant=by_tenant,
-        pools={m: ScalerView.model_validate(d.model_dump()) for m, d in pools.items()},
-    )
-
-
-async def depths(
-    res: Resources, admin: bool
-) -> tuple[dict[str, dict[str, int]], dict[str, int] | None]:
-    """Waiting jobs per model and class (and dispatched), and, for an admin, per tenant."""
-    models = sorted(str(m) for m in await res.redis.smembers(keys.MODELS))  # type: ignore[misc]
-    pipe = res.redis.pipeline(transaction=False)
-    for model in models:
-        for klass in keys.CLASSES:
-            pipe.zcard(keys.waiting(model, klass))
-            pipe.zrange(keys.lines(model, klass), 0, -1)
-        pipe.zcard(keys.dispatched(model))
-    replies = iter(await pipe.execute())
-    by_model: dict[str, dict[str, int]] = {}
-    tenants: set[tuple[str, str, str]] = set()
-    for model in models:
-        row = {}
-        for klass in keys.CLASSES:
-            row[klass] = int(next(replies))
-            tenants.update((model, klass, str(t)) for t in next(replies))
-        row["dispatched"] = int(next(replies))
-        by_model[model] = row
-    if not admin:
-        return by_model, None
-    pipe = res.redis.pipeline(transaction=False)
-    for model, klass, tenant in sorted(tenants):
-        pipe.zcard(keys.ready(model, klass, tenant))
-    by_tenant: dict[str, int] = {}
-    for (_, _, tenant), n in zip(sorted(tenants), await pipe.execute(), strict=True):
-        by_tenant[tenant] = by_tenant.get(tenant, 0) + int(n)
-    return by_model, by_tenant
 
 
 @router.get(

@@ -52,8 +52,8 @@ class Phase:
     flood_p95_s: float
     flood_light_jobs: int
     batch_fill: float
-    script_calls_per_job: float  # every ledger script a job's life runs (submit, claim, ...)
-    script_us_per_call: float  # Redis time of one (the submit's is one round trip)
+    script_us_per_job: float  # Redis time of the ledger's scripts over a job's life (submit, ...)
+    commands_per_job: float  # Redis commands per job, the clients' reads included
     heavy_backlog_at_end: int
 
 
@@ -157,7 +157,7 @@ def phase(bench: TenantBench, rule: str, redis: EmbeddedRedis, db: int, logs: Pa
 
         heavy, light = asyncio.run(flood())
         jobs = len(heavy.samples) + len(light.samples)
-        calls, per_call = ledger_cost(client, jobs)
+        script_us, commands = ledger_cost(client, jobs)
         backlog = int(client.hget("dq:stats", "queued") or 0)
         idle_e2e, flood_e2e = e2e(idle.samples), e2e(light.samples)
         return Phase(
@@ -169,8 +169,8 @@ def phase(bench: TenantBench, rule: str, redis: EmbeddedRedis, db: int, logs: Pa
             flood_p95_s=round(pct(flood_e2e, 0.95), 3),
             flood_light_jobs=len(flood_e2e),
             batch_fill=round(batch_fill([heavy, light], plan.batch), 3),
-            script_calls_per_job=round(calls, 2),
-            script_us_per_call=round(per_call, 1),
+            script_us_per_job=round(script_us, 1),
+            commands_per_job=round(commands, 1),
             heavy_backlog_at_end=backlog,
         )
     finally:

@@ -45,7 +45,7 @@ class WorkerBeat(BaseModel):
     held: list[str] = []  # broker delivery tags of the messages it holds (buffered or running)
     jobs: list[str] = []  # the jobs of those messages (the ledger recovers by job, not by tag)
     model: str = ""  # the model it serves
-    prefetch: int = 0  # messages it takes from the broker ahead of running them
+    prefetch: int = 0  # jobs it wants dispatched ahead of what it runs (widens the window)
     loop_at: float | None = None  # the work loop's last iteration or denoising step
     units_per_s: float | None = None  # measured work units per second
 

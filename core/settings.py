@@ -105,7 +105,9 @@ class Settings(BaseSettings):
     dispatch: Literal["fair", "fifo"] = Field(
         "fair", description="fair: priority classes and weighted fair sharing; fifo: arrival"
     )
-    dispatch_margin: int = Field(2, ge=1, description="messages out beyond what workers prefetch")
+    dispatch_margin: int = Field(
+        2, ge=1, description="jobs dispatched beyond each live worker's next batch"
+    )
     low_priority_max_wait_s: float = Field(
         120.0, gt=0, description="a `low` job waiting this long is dispatched next"
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from core.events import DeliveryRecord, WebhookView
 from core.jobs import Job, JobStatus, Output, QueueInfo, StoredImage, to_datetime
+from core.records import JobRecord
 from core.storage import ObjectStore
-from core.store import JobRecord
 
 
 def outputs_with_urls(

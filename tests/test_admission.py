@@ -193,6 +193,36 @@ def test_limits_answer_429_with_retry_after_and_ratelimit_headers(
         assert big.json()["error"]["code"] == "job_too_large"
 
 
+def test_reads_have_a_limit_of_their_own_and_a_quota_counts_work_units(
+    env: dict[str, str],
+    rclient: redis.Redis,
+    gateway_factory: Callable[[dict[str, str]], Gateway],
+) -> None:
+    store = KeyStore(rclient)
+    store.set_limits("alice", {"read_rate": 0.5, "read_burst": 3})
+    store.set_limits("bob", {"quota_units": 0.002, "quota_window_s": 3600})
+    gateway = gateway_factory(env)
+    with client_for(gateway) as alice, client_for(gateway, BOB_KEY) as bob:
+        job = alice.post("/v1/jobs", json=TINY).json()
+        reads = [alice.get(f"/v1/jobs/{job['id']}") for _ in range(4)]
+        assert [r.status_code for r in reads] == [200, 200, 200, 429]
+        refused = reads[3]
+        assert refused.json()["error"]["limit"] == "reads"
+        assert refused.headers["ratelimit-policy"].startswith('"reads";q=3;')
+        assert int(refused.headers["retry-after"]) >= 1
+        # Polling used up alice's reads, not her submits; bob's reads are his own.
+        assert alice.post("/v1/jobs", json=TINY).status_code == 202
+        assert bob.get("/v1/jobs?limit=5").status_code == 200
+        # A TINY job is 0.00125 work units (64 x 64, 2 steps, guided): the second passes 0.002.
+        first, second = (bob.post("/v1/jobs", json=TINY) for _ in range(2))
+        assert (first.status_code, second.status_code) == (202, 429)
+        error = second.json()["error"]
+        assert (error["code"], error["limit"]) == ("rate_limited", "quota")
+        assert second.headers["ratelimit-policy"] == '"quota";q=0.002;w=3600'
+        to_window_end = 3600 - time.time() % 3600  # the quota's fixed window ends on the hour
+        assert abs(int(second.headers["retry-after"]) - to_window_end) <= 2
+
+
 @pytest.mark.slow
 def test_a_light_tenant_runs_before_a_heavy_tenants_fortieth_job(
     env: dict[str, str],

@@ -12,8 +12,9 @@ from PIL.Image import Image
 
 from core.broker import generate_message
 from core.jobs import Bucket, JobStatus
+from core.records import JobRecord
 from core.storage import FileStore
-from core.store import Change, DispatchConfig, JobRecord, JobStore, Ledger
+from core.store import Change, DispatchConfig, JobStore, Ledger
 from tests.conftest import WorkerProcess
 from tests.test_store import record
 from worker.batch import BatchContext, run_batch

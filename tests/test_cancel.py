@@ -13,8 +13,9 @@ import redis
 from PIL.Image import Image
 
 from core.jobs import Bucket, JobStatus
+from core.records import JobRecord
 from core.storage import FileStore
-from core.store import Change, DispatchConfig, JobRecord, JobStore, Ledger
+from core.store import Change, DispatchConfig, JobStore, Ledger
 from tests.conftest import wait_until
 from tests.test_store import record
 from worker.batch import BatchContext, run_batch

@@ -22,9 +22,9 @@ from core import keys
 from core.embedded import EmbeddedRedis
 from core.errors import ConfigError
 from core.jobs import JobRequest, JobStatus, Metrics, StoredImage, new_job_id
+from core.records import encode
 from core.settings import load_settings
 from core.storage import FileStore
-from core.store import encode
 from tests.conftest import ALICE_KEY, BOB_KEY, Gateway, client_for, settings_from
 from tests.test_page import browser  # noqa: F401  (a fixture)
 

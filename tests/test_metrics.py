@@ -25,9 +25,10 @@ from prometheus_client.samples import Sample
 from core import keys, metrics
 from core.embedded import free_port
 from core.jobs import JobStatus
+from core.records import JobRecord
 from core.recovery import Recovery, RecoveryConfig
 from core.signing import new_secret
-from core.store import Change, JobRecord, JobStore, Ledger
+from core.store import Change, JobStore, Ledger
 from tests.conftest import (
     ALICE_KEY,
     BOB_KEY,

@@ -13,7 +13,8 @@ import redis
 from core import keys
 from core.errors import UnreadableRecord
 from core.jobs import JobRequest, JobStatus, Metrics, new_job_id
-from core.store import Change, DispatchConfig, JobRecord, JobStore, Ledger, decode
+from core.records import JobRecord, decode
+from core.store import Change, DispatchConfig, JobStore, Ledger
 
 LEASE = 30.0
 
@@ -319,3 +320,34 @@ def test_a_buffered_duplicate_handed_back_never_takes_a_running_job(store: JobSt
     waiting = submit(store)  # dispatched (the claim freed the window), not claimed
     assert store.change(Change("undispatch", waiting)).ok
     assert dispatched(store) == [waiting]  # back at the front of its line, and out again
+
+
+def test_the_window_holds_each_live_workers_next_batch_and_no_more(rclient: redis.Redis) -> None:
+    from core import heartbeats
+    from core.heartbeats import WorkerBeat, WorkerState
+    from worker.batcher import Limits
+    from worker.runner import Runner
+
+    store = store_with(rclient, margin=2)
+    runner = Runner(
+        rclient,
+        store,
+        Limits(max_rows=4, max_pixels=10**9, timeout_s=0.0),
+        lambda: None,  # type: ignore[arg-type,return-value]
+        name="w@test",
+        model="m",
+        queue="dq.jobs.m",
+        heartbeat_s=1.0,
+        prefetch=8,
+    )
+    # Its prefetch holds the running batch's messages too: it asks for one batch ahead.
+    assert runner.ahead() == 4
+    now = time.time()
+    beat = WorkerBeat(name="w@test", state=WorkerState.BUSY, started_at=now, at=now, model="m")
+    heartbeats.publish(rclient, beat.model_copy(update={"prefetch": runner.ahead()}))
+    ids = [submit(store) for _ in range(12)]
+    assert dispatched(store) == ids[:6]  # the margin (2) and one batch of 4
+    late = submit(store, tenant="light")
+    for job_id in ids[:4]:  # the worker takes its next batch: the light tenant's job goes out
+        claim(store, job_id)
+    assert late in dispatched(store)

@@ -20,8 +20,9 @@ from redis.exceptions import RedisError
 from core.catalog import Resize
 from core.errors import StorageError
 from core.jobs import Bucket, ErrorInfo, JobStatus, Metrics, Progress, StoredImage
+from core.records import JobRecord
 from core.storage import CONTENT_TYPES, ObjectStore, image_key, job_folder, put_with_retries
-from core.store import Applied, Change, JobRecord, JobStore
+from core.store import Applied, Change, JobStore
 from core.tracing import Tracing
 from worker.inference import Row, StepHook
 from worker.inputs import InputLoader, InputRefused, Inputs, prepare_inputs

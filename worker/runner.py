@@ -31,7 +31,8 @@ from redis.exceptions import RedisError
 from core import broker, heartbeats
 from core.heartbeats import WorkerBeat, WorkerState
 from core.jobs import Bucket, JobStatus
-from core.store import Change, JobRecord, JobStore, Unreadable
+from core.records import JobRecord, Unreadable
+from core.store import Change, JobStore
 from worker.batch import BatchContext, Ran, overdue, renew, run_models, store_batch
 from worker.batcher import Limits, Pending, pick
 
@@ -416,6 +417,15 @@ class Runner:
             ids = ",".join(c.job_id for c in calling)
             self.fatal(EXIT_ABANDONED, f"every row of the call ({ids}) was canceled; not waiting")
 
+    def ahead(self) -> int:
+        """Jobs this worker wants dispatched ahead of it: the next batch, formed while one runs.
+
+        Its broker prefetch holds the running batch's messages too (they are acked only once
+        stored), so a window of the whole prefetch would park a batch's worth of jobs in the
+        broker where no worker can take them, and a tenant arriving later would wait behind them.
+        """
+        return max(1, self.prefetch - self.limits.max_rows)
+
     def current_state(self, busy: bool) -> WorkerState:
         """What the worker is doing now, read off its threads rather than kept by hand."""
         if self.stopping.is_set():
@@ -455,7 +465,7 @@ class Runner:
             held=held,
             jobs=jobs,
             model=self.model,
-            prefetch=self.prefetch if ctx is not None and not self.stopping.is_set() else 0,
+            prefetch=self.ahead() if ctx is not None and not self.stopping.is_set() else 0,
             loop_at=self.loop_at,
         )
         heartbeats.publish(self.redis, beat)

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from core import metrics
 from core.jobs import ErrorInfo
-from core.store import JobRecord
+from core.records import JobRecord
 from core.tracing import Tracing
 
 log = logging.getLogger(__name__)

@@ -29,10 +29,11 @@ from core.callbacks import Attempt, deliver, is_retryable, next_delay
 from core.deliveries import DeliveryLog, RetrySchedule
 from core.events import DeliveryOrder, DeliveryRecord, Outcome, payload
 from core.jobs import to_datetime
+from core.records import JobRecord
 from core.settings import Settings
 from core.signing import signature_headers
 from core.storage import ObjectStore, open_store
-from core.store import JobRecord, JobStore, Ledger
+from core.store import JobStore, Ledger
 from core.tenants import signing_secrets
 from core.tracing import Tracing
 from core.urlguard import GuardedUrl, HostNotFound, Resolver, UnsafeUrl, check_url, resolve_host

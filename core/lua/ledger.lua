@@ -163,7 +163,8 @@ local function paused(m)
   return redis.call('HEXISTS', 'dq:paused', m) == 1 or redis.call('HEXISTS', 'dq:paused', '*') == 1
 end
 
--- The model's window: what its live workers prefetch, plus a margin for workers on their way.
+-- The model's window: the next batch of each live worker (the one it forms while one runs),
+-- plus a margin for workers on their way. More would wait in the broker, ahead of later arrivals.
 local function window(m)
   local live = redis.call('ZCOUNT', K.pool(m), D.now - D.ttl, '+inf')
   local prefetch = num(redis.call('HGET', K.model(m), 'prefetch'), 0)
