@@ -322,11 +322,11 @@ def test_queue_and_models(client: Client) -> None:
     queue = client.queue()
     assert queue.workers >= 1
     assert queue.raw["workers"] == queue.workers
-    try:
-        models = client.models()
-    except NotFound:
-        return  # this server has no GET /v1/models yet
-    assert all(m.name for m in models)
+    models = client.models()
+    assert [m.name for m in models] == ["tiny"]
+    assert models[0].raw["default"] is True
+    state = models[0].raw["state"]
+    assert state["workers_serving"] + state["workers_starting"] >= 1  # as the queue counts them
 
 
 def test_the_async_client_is_a_twin(dq: DqUp, proxy: Proxy, tmp_path: Path) -> None:

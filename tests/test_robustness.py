@@ -487,6 +487,70 @@ def test_jobs_received_while_redis_is_away_are_kept_then_run_or_handed_back(
     assert statuses == ["succeeded"] * 3 + ["queued"] * 2
 
 
+def test_a_bug_in_the_storing_thread_is_logged_with_its_jobs_and_the_worker_goes_on(
+    rclient: redis.Redis,
+    tmp_path: Path,
+    model_cache: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import batch
+    from worker.batch import BatchContext
+    from worker.batcher import Limits
+    from worker.inference import Engine
+    from worker.models import load_pipeline
+    from worker.runner import Delivery, Runner
+
+    calls, encode = [], batch.encode
+
+    def buggy_once(image: object, fmt: str) -> bytes:
+        """Image encoding (on the storing thread) with a bug its first time."""
+        calls.append(image)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug in the storing code")
+        return encode(image, fmt)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batch, "encode", buggy_once)
+    store = JobStore(rclient, Ledger(dispatch=DispatchConfig(margin=50)))
+    engine = Engine(load_pipeline("tiny", model_cache))
+    settled: list[tuple[str, str]] = []
+
+    def delivery(job_id: str) -> Delivery:
+        def note(kind: str) -> Callable[[], None]:
+            return lambda: settled.append((job_id, kind))
+
+        return Delivery(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
+
+    runner = Runner(
+        rclient,
+        store,
+        Limits(max_rows=1, max_pixels=10**9, timeout_s=0.0),
+        lambda: BatchContext(store, FileStore(tmp_path / "images", b"k"), engine, "w@t", 30.0, 0.0),
+        name="w@t",
+        model="tiny",
+        queue=store.ledger.queue_of("tiny"),
+        heartbeat_s=0.2,
+        prefetch=8,
+    )
+    first, second = (store.submit(record(model="tiny", steps=2)).value for _ in range(2))
+    runner.start()
+    try:
+        runner.offer(first, delivery(first))
+        wait_until(lambda: settled, 60, "the first job's message to be settled")
+        runner.offer(second, delivery(second))
+        wait_until(lambda: len(settled) == 2, 60, "the second job to be run and acked")
+        assert runner.threads[0].is_alive()
+        assert not runner.stopping.is_set()
+    finally:
+        runner.stop(10)
+    # The bug is logged with the batch's jobs; their message goes back (the ledger decides what
+    # runs again); the next batch is stored as if nothing happened.
+    assert settled == [(first, "requeue"), (second, "ack")]
+    assert f"storing the batch of jobs {first} failed" in caplog.text
+    assert "ZeroDivisionError" in caplog.text
+    assert store.get(second).status.value == "succeeded"  # type: ignore[union-attr]
+
+
 # --- 7: nothing grows without bound --------------------------------------------------------------
 
 
