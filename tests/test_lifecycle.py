@@ -77,12 +77,20 @@ def test_a_running_job_past_its_deadline_stops_and_stores_nothing(
     assert wait_for(client, after["id"])["status"] == "succeeded"
 
 
+@pytest.mark.parametrize("where", ["setting", "catalog"])
 def test_a_job_running_longer_than_its_model_allows_fails_and_the_worker_goes_on(
+    where: str,
     fast_env: dict[str, str],
     client: httpx.Client,
     worker_factory: Callable[..., WorkerProcess],
+    tmp_path: Path,
 ) -> None:
-    worker_factory(fast_env, DQ_MAX_RUN_S="1.5")
+    if where == "setting":
+        worker_factory(fast_env, DQ_MAX_RUN_S="1.5")
+    else:  # the model's own entry; the deployment's setting is more generous
+        catalog = tmp_path / "models.toml"
+        catalog.write_text('default = "tiny"\n[models.tiny]\nsource = "tiny"\nmax_run_s = 1.5\n')
+        worker_factory(fast_env, DQ_MODELS=str(catalog), DQ_MAX_RUN_S="600")
     long = client.post("/v1/jobs", json=LONG).json()
     done = wait_for(client, long["id"])
     assert (done["status"], done["error"]["code"]) == ("failed", "run_timeout")

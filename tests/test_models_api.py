@@ -6,6 +6,8 @@ import base64
 import io
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import httpx
 import pytest
@@ -129,6 +131,12 @@ def test_lora_upload_data_uri_and_defaults_run_end_to_end(
         # The model's defaults fill what a request leaves out, and the job says what ran.
         assert (defaults["request"]["width"], defaults["request"]["steps"]) == (64, 10)
         assert client.delete(f"/v1/jobs/{defaults['id']}").status_code == 204
+        # A job's inputs are kept beside its images, and go with them when it is deleted.
+        images = Path(url2pathname(urlparse(model_env["DQ_STORAGE_URL"]).path))
+        folder = images / jobs["paint"]["id"]
+        assert {p.name for p in folder.iterdir()} >= {"input-image.png", "input-mask.png", "0.png"}
+        assert client.delete(f"/v1/jobs/{jobs['paint']['id']}").status_code == 204
+        assert not folder.exists()
 
 
 def test_a_bad_input_fails_its_job_alone(

@@ -351,3 +351,22 @@ def test_the_window_holds_each_live_workers_next_batch_and_no_more(rclient: redi
     for job_id in ids[:4]:  # the worker takes its next batch: the light tenant's job goes out
         claim(store, job_id)
     assert late in dispatched(store)
+
+
+def test_a_tenants_retention_keeps_its_jobs_no_longer_than_the_deployment_allows(
+    rclient: redis.Redis,
+) -> None:
+    from core.tenants import KeyStore
+
+    store = JobStore(rclient, Ledger(job_ttl_s=120, dispatch=DispatchConfig(margin=10)))
+    KeyStore(rclient).set_limits("short", {"retention_s": 30})
+    KeyStore(rclient).set_limits("greedy", {"retention_s": 86_400})
+    kept = {}
+    for tenant in ("short", "greedy", "plain"):
+        job_id = submit(store, tenant)
+        attempt = claim(store, job_id)
+        assert store.change(Change("finish", job_id, attempt, "w1", to=JobStatus.SUCCEEDED)).ok
+        kept[tenant] = rclient.ttl(keys.job(job_id))
+    assert 25 <= kept["short"] <= 30
+    assert 115 <= kept["greedy"] <= 120  # capped at the deployment's DQ_JOB_TTL_S
+    assert 115 <= kept["plain"] <= 120

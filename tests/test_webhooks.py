@@ -140,6 +140,8 @@ def test_job_events_arrive_signed_during_rotation(
         assert hit.headers["content-type"] == "application/json"
         data = succeeded["data"]
         assert without(data, "outputs") == without(done, "outputs", "webhook")
+        assert data["expires_at"] == done["expires_at"]  # when the job and its images go
+        assert data["expires_at"] is not None
         assert data["outputs"][0]["url"].startswith(f"{gateway.url}/v1/files/{job_id}/0.png?")
         image = Image.open(io.BytesIO(client.get(data["outputs"][0]["url"]).content))
         assert (image.format, image.size) == ("PNG", (64, 64))
