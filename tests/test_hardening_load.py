@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import resource
@@ -275,7 +276,9 @@ def test_a_long_prompt_stays_out_of_the_worker_log(
     env: dict[str, str],
     gateway_factory: Callable[[dict[str, str]], Any],
     worker_factory: Callable[..., WorkerProcess],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     words = " ".join(f"zebra{i:04d}" for i in range(180))  # ~1,800 characters, far past 77 tokens
     gw = gateway_factory({**env, "DQ_PUBLIC_URL": "http://images.example:8000"})
     worker = worker_factory(env)
@@ -287,3 +290,12 @@ def test_a_long_prompt_stays_out_of_the_worker_log(
     log = worker.log_path.read_text()
     assert "ready" in log  # the log is there and being written
     assert "zebra" not in log
+    # The gateway's own log of the submit and the polls: no prompt either, and a few lines.
+    ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("api", "core")]
+    assert not [line for line in ours if "zebra" in line]
+    after_start = log[log.index("ready") :]
+    assert len(after_start.encode()) < 4096, after_start[-2000:]
+    print(
+        f"\nLOGS for one 1,800-character prompt: worker {len(after_start.encode())} B after"
+        f" start-up, gateway {sum(len(m) for m in ours)} B in {len(ours)} line(s)"
+    )
