@@ -23,10 +23,12 @@ from dq_client import (
     AsyncClient,
     Client,
     Conflict,
+    ConnectionFailed,
     JobFailed,
     JobStatus,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     RetryPolicy,
     Unauthorized,
     Unavailable,
@@ -238,6 +240,31 @@ def test_every_error_is_typed(dq: DqUp, client: Client) -> None:
     assert (large.value.status, large.value.code) == (413, "too_large")
     with Client(dq.url, BOB_KEY) as bob, pytest.raises(NotFound):
         bob.get(client.submit("alice's", **TINY))  # another tenant's job is not found
+
+
+def test_a_rate_limit_raises_rate_limited_and_no_server_raises_connection_failed(
+    env: dict[str, str],
+    rclient: Any,
+    gateway_factory: Callable[[dict[str, str]], Gateway],
+) -> None:
+    from core.embedded import free_port
+    from core.tenants import KeyStore
+
+    KeyStore(rclient).set_limits("alice", {"rate": 1, "burst": 1})
+    gw = gateway_factory(env)  # no worker: nothing here needs one
+    with Client(gw.url, KEY, retry=RetryPolicy.never()) as client:
+        client.submit("the one the burst allows", **TINY)
+        with pytest.raises(RateLimited) as limited:
+            client.submit("one too soon", **TINY)
+    assert (limited.value.status, limited.value.limit) == (429, "rate")
+    assert limited.value.retry_after_s == 1
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with (
+        Client(nowhere, KEY, retry=RetryPolicy.never()) as nobody,
+        pytest.raises(ConnectionFailed) as failed,
+    ):
+        nobody.submit("to no one", **TINY)
+    assert failed.value.sent is False  # nothing reached a server: safe to send again
 
 
 def test_a_full_queue_raises_unavailable(

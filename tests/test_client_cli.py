@@ -95,7 +95,12 @@ def in_terminal(
                     react = None
             elif proc.poll() is not None:
                 break
-        return proc.wait(30), ANSI.sub("", drawn.decode(errors="replace"))
+        text = ANSI.sub("", drawn.decode(errors="replace"))
+        try:
+            return proc.wait(30), text
+        except subprocess.TimeoutExpired:
+            waited = f"{react[0]!r} never drawn" if react else "it did not exit"
+            raise AssertionError(f"{waited}; the last it drew:\n{text[-3000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
