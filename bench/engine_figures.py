@@ -38,6 +38,8 @@ class EnginePoint(BaseModel):
     images_per_s: float | None
     e2e_ms: Spread  # jobs submitted inside the measured window
     p95_ms_by_steps: dict[int, float | None]
+    # Cores used per role; `others`: load from outside the bench (the machine's other users).
+    cpu_cores: dict[str, float] = {}
 
 
 def figures(
@@ -135,9 +137,14 @@ def _met(value: float | None, sense: str, target: float) -> bool | None:
 VERDICTS = {True: "met", False: "MISSED", None: "not measured"}
 
 
+def _others(point: EnginePoint) -> str:
+    """Cores the machine's other users took during the point."""
+    return fmt(point.cpu_cores.get("others"), ".2f")
+
+
 def table(points: list[EnginePoint], summary: dict[str, Any]) -> str:
     """The figures as text: a line per point, then the ratios and the goals."""
-    heads = ("images/s", "p50 ms", "p95 ms", "p99 ms", "jobs", "errors")
+    heads = ("images/s", "p50 ms", "p95 ms", "p99 ms", "jobs", "errors", "others")
     lines = [f"{'engine':6} {'load':>16} " + " ".join(f"{h:>8}" for h in heads)]
     for p in points:
         load = f"{p.fraction:.0%} {p.rate:.2f}/s" if p.kind == "load" else f"{p.kind} {p.users}u"
@@ -147,7 +154,8 @@ def table(points: list[EnginePoint], summary: dict[str, Any]) -> str:
             *(fmt(v, ".0f") for v in (e2e.p50, e2e.p95, e2e.p99)),
         ]
         lines.append(
-            f"{p.engine:6} {load:>16} " + " ".join(f"{c:>8}" for c in [*cells, p.jobs, p.errors])
+            f"{p.engine:6} {load:>16} "
+            + " ".join(f"{c:>8}" for c in [*cells, p.jobs, p.errors, _others(p)])
         )
     names = ("step_vs_batch_p95_at_80", "step_vs_batch_saturation", "step_vs_peer_saturation")
     for name in (*names, "lone_step_minus_batch_ms"):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from bench.cpu import Meter
 from bench.engine_figures import (
     ENGINES,
     Engine,
@@ -113,6 +114,13 @@ class Servers:
             assert self.peer is not None
             return self.peer.url, None
         return self.stacks[engine].url, API_KEY
+
+    def roles(self, engine: Engine) -> dict[str, list[int]]:
+        """Process ids by role, for CPU accounting: the engine's server and Redis."""
+        redis = [self.redis.process.pid] if self.redis.process is not None else []
+        if engine == "peer":
+            return self.peer.roles() if self.peer is not None else {}
+        return self.stacks[engine].roles() | {"redis": redis}
 
     def engines(self) -> list[Engine]:
         """The servers that run."""
@@ -221,12 +229,14 @@ class Run:
         if engine == "peer" and peer is not None:
             peer.resume()
             time.sleep(0.5)  # let its processes notice the time they lost
+        meter = Meter(self.servers.roles(engine) | {"loadgen": [self.load.pid or 0]}).start()
         try:
             result = self.load.run(spec)
         finally:
             if engine == "peer" and peer is not None:
                 peer.pause()
         point = figures(engine, kind, result, plan.warmup_s, round_=round_, fraction=fraction)
+        point.cpu_cores = meter.read()
         self.points.append(point)
         log.info(
             "%s %s%s: %s images/s, e2e p50 %s p95 %s ms, %d jobs (%d errors)",
