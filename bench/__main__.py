@@ -67,6 +67,14 @@ def parser() -> argparse.ArgumentParser:
         const="models",
         help="mixed traffic over two models: one deployment against two (bench/models.py)",
     )
+    mode.add_argument(
+        "--engines",
+        dest="mode",
+        action="store_const",
+        const="engines",
+        help="the step engine against the batch engine and LitServe under mixed Poisson load "
+        "(bench/engines.py)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder")
     p.add_argument("--url", help="measure a running gateway instead of starting one")
     p.add_argument("--api-key", help="bearer key for --url")
@@ -176,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.adapters import AdapterBench, run_adapters
 
             return run_adapters(AdapterBench.of(args))
+        if args.mode == "engines":
+            from bench.engines import EnginesBench, run_engines
+
+            with stopped_cleanly():
+                return run_engines(EnginesBench.of(args))
         if args.mode == "models":
             from bench.models import ModelsBench, run_models
 

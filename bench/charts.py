@@ -1,4 +1,4 @@
-"""PNG charts of a report: throughput and latency against load, one line per variant."""
+"""PNG charts of a report: throughput and latency against load, one line per variant (or engine)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # files only: no display on servers and in CI
 
 import matplotlib.pyplot as plt
 
+from bench.engine_figures import ENGINES, EnginePoint, median
+from bench.plan import Plan
 from bench.points import Point
 from bench.report import Report, median_round
 
@@ -95,3 +97,38 @@ def draw_all(report: Report, folder: Path) -> list[str]:
         if chart(report, mode, folder / name):  # type: ignore[arg-type]
             written.append(name)
     return written
+
+
+ENGINE_COLOURS = {"step": "tab:purple", "batch": "tab:blue", "peer": "tab:red"}
+ENGINE_LABELS = {"step": "step engine", "batch": "batch engine", "peer": "LitServe"}
+
+
+def engines_chart(points: list[EnginePoint], plan: Plan, path: Path) -> None:
+    """`dq bench --engines`: latency and images/s against offered load, a colour per engine."""
+    fig, (lat_ax, rate_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for engine in ENGINES:
+        mine = [p for p in points if p.engine == engine]
+        loads = sorted((p for p in mine if p.kind == "load"), key=lambda p: p.fraction or 0.0)
+        colour, label = ENGINE_COLOURS[engine], ENGINE_LABELS[engine]
+        xs = [100 * (p.fraction or 0.0) for p in loads]
+        lat_ax.plot(xs, [p.e2e_ms.p50 for p in loads], marker="o", color=colour, label=label)
+        lat_ax.plot(xs, [p.e2e_ms.p95 for p in loads], linestyle="--", color=colour)
+        lat_ax.plot(xs, [p.e2e_ms.p99 for p in loads], linestyle=":", color=colour)
+        rate_ax.plot(xs, [p.images_per_s for p in loads], marker="o", color=colour, label=label)
+        saturated = median([p.images_per_s for p in mine if p.kind == "saturation"])
+        if saturated:
+            rate_ax.axhline(saturated, color=colour, linestyle=":", alpha=0.7)
+    lat_ax.set_ylabel("end-to-end latency, ms (solid p50, dashed p95, dotted p99)")
+    lat_ax.set_yscale("log")
+    rate_ax.set_ylabel("images/s (dotted: at saturation)")
+    for ax in (lat_ax, rate_ax):
+        ax.set_xlabel("offered load, % of the batch engine's saturation throughput")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(
+        f"{plan.model}, steps 4/8/16, guidance 7.5/3, 30 % at 1.5x {plan.width}x{plan.height}, "
+        f"max batch {plan.batch}, {plan.threads} model thread(s)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

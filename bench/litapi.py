@@ -1,9 +1,10 @@
 """The peer's server: LitServe serving the worker's pipeline (`python -m bench.litapi`).
 
 The LitAPI loads the model as a worker does and makes the worker's call (`Engine.generate`) on a
-batch of validated `JobRequest`s, then answers each request with its PNG, base64-encoded: the same
-work as the worker's encode and store, without the durability (a request lost with the server is
-lost for good). Kept apart from `bench.peer` so that only this process imports LitServe.
+batch of validated `JobRequest`s (one call per bucket: requests of other sizes, steps or guidance
+cannot share one), then answers each request with its PNG, base64-encoded: the same work as the
+worker's encode and store, without the durability (a request lost with the server is lost for
+good). Kept apart from `bench.peer` so that only this process imports LitServe.
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's annotation at run time
@@ -48,15 +49,29 @@ class DiffusionAPI(ls.LitAPI):  # type: ignore[misc]
         return inputs
 
     def predict(self, x: JobRequest | list[JobRequest]) -> Any:
-        """One pipeline call for the batch (a lone request when batching is off)."""
+        """One pipeline call per bucket of the batch (size, steps, guidance, ...: what one call
+        must share); a lone request when batching is off."""
         from worker.inference import Row
 
         requests = x if isinstance(x, list) else [x]
-        rows = [
-            Row(f"peer{i}", 0, r.prompt, r.negative_prompt, r.seed or 0)
-            for i, r in enumerate(requests)
-        ]
-        images = self.engine.generate(rows, Bucket.of(requests[0]), lambda _step: True)
+        buckets: dict[Bucket, list[int]] = {}
+        for i, r in enumerate(requests):
+            buckets.setdefault(Bucket.of(r), []).append(i)
+        images: list[Any] = [None] * len(requests)
+        for bucket, indexes in buckets.items():
+            rows = [
+                Row(
+                    f"peer{i}",
+                    0,
+                    requests[i].prompt,
+                    requests[i].negative_prompt,
+                    requests[i].seed or 0,
+                )
+                for i in indexes
+            ]
+            made = self.engine.generate(rows, bucket, lambda _step: True)
+            for i, image in zip(indexes, made, strict=True):
+                images[i] = image
         return images if isinstance(x, list) else images[0]
 
     def unbatch(self, output: list[Any]) -> list[Any]:

@@ -41,6 +41,8 @@ class LoadSpec(BaseModel):
     # ETA, or its progress so far), then poll every poll_s: few polls, little notification delay.
     wait: Literal["hold", "fixed", "eta"] = "hold"
     body: dict[str, Any]
+    # Mixed traffic: each job's body takes one of these on top, drawn at random (seeded).
+    mix: list[dict[str, Any]] = []
     seed: int = 0
 
     @property
@@ -71,6 +73,7 @@ class Sample(BaseModel):
     status: str  # succeeded, failed, canceled, error (HTTP or transport), timeout
     job_id: str | None = None
     images: int = 1
+    steps: int | None = None  # the steps the job asked for (mixed traffic: its kind)
     polls: int = 0  # status reads it took to see the job finish
     error: str | None = None
     server: ServerTimes | None = None
@@ -132,14 +135,16 @@ class Driver:
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
         self.seeds: Iterator[int] = itertools.count(spec.seed)
+        self.mixer = random.Random(spec.seed + 1)
         self.samples: list[Sample] = []
         self.start = time.time()
         self.end = self.start + spec.duration_s
         self.hard_end = self.end + spec.drain_s
 
     def body(self) -> dict[str, Any]:
-        """The request body with this job's own seed."""
-        return {**self.spec.body, "seed": next(self.seeds) % 2**32}
+        """The request body with this job's own seed (and its share of the mix)."""
+        mixed = self.mixer.choice(self.spec.mix) if self.spec.mix else {}
+        return {**self.spec.body, **mixed, "seed": next(self.seeds) % 2**32}
 
     async def job(self, conn: Connection) -> Sample:
         """One job from submission to the moment the client sees it finished."""
@@ -153,8 +158,9 @@ class Driver:
             return Sample(submit=submit, status="error", error=f"{type(e).__name__}: {e}")
 
     async def _predict(self, conn: Connection) -> Sample:
+        body = self.body()
         submit = time.time()
-        reply = await conn.request("POST", "/predict", self.body())
+        reply = await conn.request("POST", "/predict", body)
         done = time.time()
         ok = reply.status == 200
         return Sample(
@@ -162,6 +168,7 @@ class Driver:
             accepted=submit,
             done=done,
             status="succeeded" if ok else "error",
+            steps=body.get("steps"),
             error=None if ok else f"HTTP {reply.status}",
         )
 
@@ -173,7 +180,10 @@ class Driver:
         if reply.status != 202:
             return Sample(submit=submit, status="error", error=f"HTTP {reply.status}")
         job = reply.json_body()
-        sample = Sample(submit=submit, accepted=accepted, status="queued", job_id=job["id"])
+        steps = body.get("steps")
+        sample = Sample(
+            submit=submit, accepted=accepted, status="queued", job_id=job["id"], steps=steps
+        )
         return await self._poll(conn, sample, job, body.get("num_images", 1))
 
     def _sleep_s(self, job: dict[str, Any]) -> float:

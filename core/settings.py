@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         None, gt=0, description="a job running longer fails (run_timeout); a catalog entry's wins"
     )
     model_cache: Path = Path.home() / ".cache" / "diffusion-queue" / "models"
+    # How a worker runs its jobs: whole pipeline calls per batch, or the step engine's loop that
+    # jobs join at every denoising step (worker/stepper.py); jobs it cannot run go in batches.
+    engine: Literal["batch", "step"] = Field(
+        "batch", description="batch: a pipeline call per batch; step: jobs join at every step"
+    )
     # A `module:function` the worker calls instead of worker.inference.load_engine, with the same
     # arguments, for an engine of one's own (a custom runtime, or the faulty engines of the tests).
     engine_factory: str | None = Field(

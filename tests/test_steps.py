@@ -109,6 +109,24 @@ def test_a_different_seed_is_far_off(tiny: Any) -> None:
     assert pixel_distance(made, reference(tiny, job("a", seed=2))[0]) > 10 * PARITY
 
 
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])
+def test_the_batch_engine_runs_the_requests_scheduler(tiny: Any, scheduler: str) -> None:
+    """The batch engine (the step engine's fallback) honours a job's scheduler too."""
+    from core.jobs import Bucket
+    from worker.inference import Engine, Row
+
+    j = job("b", seed=71, scheduler=scheduler)
+    row = Row("b", 0, j.prompt, None, 71)
+    made = Engine(tiny).generate([row], Bucket(64, 64, 4, 7.5, scheduler=scheduler), _go_on)
+    assert max(distances(made, reference(tiny, j))) <= PARITY
+    assert pixel_distance(made[0], reference(tiny, job("b", seed=71))[0]) > PARITY
+    assert type(tiny.scheduler).__name__ == "DDIMScheduler"  # the model's own, back in place
+
+
+def _go_on(_step: int) -> bool:
+    return True
+
+
 def test_img2img_and_inpainting_rows_enter_at_their_strength(tiny: Any) -> None:
     image, mask = init_image(), right_half_mask()
     jobs = {

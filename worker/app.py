@@ -189,18 +189,23 @@ def build_runner(settings: Settings, name: str, tracing: Tracing | None = None) 
         loop_stale_s=settings.loop_stale_s,
         sweep=recovery.offer,
     )
-    return Runner(
-        redis,
-        store,
-        limits,
-        make_context,
-        name=name,
-        model=model,
-        queue=ledger.queue_of(model),
-        heartbeat_s=settings.heartbeat_s,
-        prefetch=prefetch_of(settings),
-        supervision=supervision,
-    )
+    args = (redis, store, limits, make_context)
+    common: dict[str, Any] = {
+        "name": name,
+        "model": model,
+        "queue": ledger.queue_of(model),
+        "heartbeat_s": settings.heartbeat_s,
+        "prefetch": prefetch_of(settings),
+        "supervision": supervision,
+    }
+    if settings.engine == "step":
+        from worker.stepper import StepRunner
+        from worker.steps import LoopSettings
+
+        # As much at once as a batch: a guided image is two denoiser rows.
+        rows, pixels = 2 * settings.max_batch_size, 2 * settings.max_batch_pixels
+        return StepRunner(*args, loop=LoopSettings(max_rows=rows, max_pixels=pixels), **common)
+    return Runner(*args, **common)
 
 
 EngineLoader = Callable[[ModelSpec, Path, LoraCatalog | None, int], Generator]

@@ -10,7 +10,7 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -159,13 +159,18 @@ def renew(ctx: BatchContext, claims: Sequence[Claim], **fields: object) -> None:
     A claim whose write is refused was canceled, or taken from this attempt (its lease ran out
     and the job was handed back): it is live no more, and nothing more of it is written.
     """
-    live = [c for c in claims if c.live]
+    renew_each(ctx, [(c, fields) for c in claims])
+
+
+def renew_each(ctx: BatchContext, claims: Sequence[tuple[Claim, Mapping[str, object]]]) -> None:
+    """As `renew`, each claim with fields of its own (the step engine's progress per job)."""
+    live = [(c, fields) for c, fields in claims if c.live]
     lease = time.time() + ctx.lease_s
     changes = [
         Change("renew", c.job_id, attempt=c.attempt, worker=ctx.worker, lease=lease, fields=fields)
-        for c in live
+        for c, fields in live
     ]
-    for c, applied in zip(live, ctx.store.apply(changes), strict=True):
+    for (c, _), applied in zip(live, ctx.store.apply(changes), strict=True):
         c.live = applied.ok
         if not applied.ok:
             _refused(c, applied)
@@ -475,7 +480,11 @@ def run_models(
 ) -> Ran:
     """Claim the jobs, load their inputs and run the pipeline (split to the row cap); storing
     comes after."""
-    claims = with_inputs(ctx, claim(ctx, records))
+    return run_claimed(ctx, with_inputs(ctx, claim(ctx, records)), bucket, capacity)
+
+
+def run_claimed(ctx: BatchContext, claims: list[Claim], bucket: Bucket, capacity: int) -> Ran:
+    """Run jobs claimed with their inputs loaded (split to the row cap); storing comes after."""
     for c in claims:
         ctx.running[c.job_id] = c  # the heartbeat renews their leases until they are stored
     try:

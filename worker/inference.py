@@ -18,6 +18,7 @@ from core.jobs import Bucket
 from core.loras import LoraCatalog
 from worker.inputs import fit
 from worker.loras import AdapterError, Adapters
+from worker.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Engine:
         self.spec = spec
         self.adapters = adapters
         self.pipes: dict[str, Any] = {"txt2img": pipe}
+        self.scheduler = pipe.scheduler  # the model's own: each call's is made from its config
 
     def pipe_for(self, task: str) -> Any:
         """The pipeline for `task`, made once from the loaded one and sharing its weights."""
@@ -75,6 +77,22 @@ class Engine:
             raise WrongModel(f"a batch for model {bucket.model} reached a {self.spec.name} worker")
         self._use_loras(bucket.loras)
         pipe = self.pipe_for(bucket.task)
+        pipe.scheduler = make_scheduler(bucket.scheduler, self.scheduler)  # fresh for each call
+        try:
+            images = self._call(pipe, rows, bucket, on_step)
+        finally:
+            pipe.scheduler = self.scheduler
+        if len(images) != len(rows):
+            raise RuntimeError(f"pipeline returned {len(images)} images for {len(rows)} rows")
+        if bucket.task == "inpaint":
+            # Outside the mask, the input's own pixels: the VAE's round trip would blur them.
+            images = [paste_back(made, row, bucket) for made, row in zip(images, rows, strict=True)]
+        return images
+
+    def _call(
+        self, pipe: Any, rows: Sequence[Row], bucket: Bucket, on_step: StepHook
+    ) -> list[Image]:
+        """The pipeline's own call over `rows`."""
         negatives = [r.negative_prompt for r in rows]
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
 
@@ -100,13 +118,6 @@ class Engine:
                 **self._task_arguments(rows, bucket),
             )
         images: list[Image] = result.images
-        if len(images) != len(rows):
-            raise RuntimeError(f"pipeline returned {len(images)} images for {len(rows)} rows")
-        if bucket.task == "inpaint":
-            # Outside the mask, the input's own pixels: the VAE's round trip would blur them.
-            images = [
-                _paste_back(made, row, bucket) for made, row in zip(images, rows, strict=True)
-            ]
         return images
 
     def _use_loras(self, loras: Sequence[tuple[str, float]]) -> None:
@@ -160,7 +171,7 @@ def _fitted(image: Image | None, bucket: Bucket, name: str) -> Image:
     return fit(image, bucket.width, bucket.height, "cover", name)
 
 
-def _paste_back(made: Image, row: Row, bucket: Bucket) -> Image:
+def paste_back(made: Image, row: Row, bucket: Bucket) -> Image:
     """The made image under the mask, the input elsewhere, blended along a soft mask's edge."""
     original = _fitted(row.image, bucket, "image").convert(made.mode)
     mask = _fitted(row.mask, bucket, "mask").convert("L")

@@ -149,7 +149,7 @@ class Runner:
         with self.cond:
             self.cond.notify_all()
         self.threads[0].join(timeout)
-        self._wait_stored()
+        self._finish_work(timeout)
         self._hand_back()
         self.silenced.set()
         self.threads[1].join(timeout=2)
@@ -157,6 +157,10 @@ class Runner:
             heartbeats.retire(self.redis, self.name, self.model)
         except RedisError:
             log.warning("could not retire heartbeat of %s", self.name)
+
+    def _finish_work(self, timeout: float) -> None:
+        """Draining: what runs finishes and is stored (the batch being stored, here)."""
+        self._wait_stored()
 
     def _hand_back(self) -> None:
         """Buffered jobs go back to the front of their tenant's line; their messages are acked."""
@@ -207,6 +211,7 @@ class Runner:
     def _serve(self) -> None:
         try:
             self.ctx = self.make_context()  # loads the model: the slow part of starting
+            self._started()
         except Exception as e:
             log.exception("the model could not be loaded")
             self.fatal(EXIT_MODEL_FAILED, f"the model could not be loaded: {e}")
@@ -223,6 +228,9 @@ class Runner:
                 time.sleep(1)
             except Exception as e:
                 self._failed(e)
+
+    def _started(self) -> None:
+        """The model is loaded: anything else to start before serving (nothing, here)."""
 
     def _stamp(self) -> None:
         self.loop_at = time.time()
@@ -256,18 +264,26 @@ class Runner:
         self._run(list(choice.batch))
 
     def _run(self, batch: list[Pending[Delivery]]) -> None:
-        assert self.ctx is not None
+        ctx = self.ctx
+        assert ctx is not None
         bucket: Bucket = batch[0].bucket
         records = [self.records.pop(p.job_id) for p in batch]
-        deliveries = [p.handle for p in batch]
-        self.running, self.current = len(batch), deliveries
+        capacity = self.limits.capacity(bucket)
+        ids = [r.id for r in records]
+        self._call(
+            [p.handle for p in batch], ids, lambda: run_models(ctx, records, bucket, capacity)
+        )
+
+    def _call(self, deliveries: list[Delivery], ids: list[str], run: Callable[[], Ran]) -> None:
+        """Run a batch's pipeline calls; it is stored on the storing thread while the next runs."""
+        self.running, self.current = len(deliveries), deliveries
         start = time.monotonic()
         try:
-            ran = run_models(self.ctx, records, bucket, self.limits.capacity(bucket))
+            ran = run()
         except BaseException as e:
             # The claims failed (the ledger is away) or the loop broke: the messages go back,
             # and the ledger decides what runs. Whoever logs the error names the jobs.
-            e.add_note(f"the batch's jobs: {','.join(r.id for r in records)}")
+            e.add_note(f"the batch's jobs: {','.join(ids)}")
             self._settle_all(deliveries, ack=False)
             raise
         finally:
@@ -426,6 +442,10 @@ class Runner:
         """
         return max(1, self.prefetch - self.limits.max_rows)
 
+    def _working(self) -> tuple[list[Delivery], int]:
+        """The messages of the jobs being run or stored, and the rows running."""
+        return [*self.current, *self.storing], self.running
+
     def current_state(self, busy: bool) -> WorkerState:
         """What the worker is doing now, read off its threads rather than kept by hand."""
         if self.stopping.is_set():
@@ -449,15 +469,16 @@ class Runner:
             buffered = len(self.pending) + len(self.inbox)
             held = [d.tag for _, d, _ in self.inbox] + [p.handle.tag for p in self.pending]
             jobs = [j for j, _, _ in self.inbox] + [p.job_id for p in self.pending]
-        held += [d.tag for d in self.current] + [d.tag for d in self.storing]
+        working, running = self._working()
+        held += [d.tag for d in working]
         jobs += list(ctx.running) if ctx is not None else []
         beat = WorkerBeat(
             name=self.name,
-            state=self.current_state(bool(buffered or self.running or self.storing)),
+            state=self.current_state(bool(buffered or working)),
             images_per_s=self.rate.value,
             units_per_s=self.unit_rate.value,
             buffered=buffered,
-            running=self.running,
+            running=running,
             pid=os.getpid(),
             started_at=self.started_at,
             idle_since=self.idle_since,
