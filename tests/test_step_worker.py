@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -141,18 +142,29 @@ def test_a_step_workers_images_equal_a_batch_workers(
             assert distance(a, b) <= 1.0, step_job["request"]
 
 
-def progress_while_running(
-    client: httpx.Client, job_id: str, until: Callable[[], bool]
-) -> set[int]:
-    """The progress steps seen on a running job until `until()` says stop."""
-    seen: set[int] = set()
-    deadline = time.monotonic() + 60
-    while not until() and time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] == "running" and job["progress"]:
-            seen.add(job["progress"]["step"])
-        time.sleep(0.05)
-    return seen
+class Watch:
+    """The progress steps a job shows while it runs, read on a thread of its own until it ends."""
+
+    def __init__(self, gateway: Gateway, job_id: str) -> None:
+        self.seen: set[int] = set()
+        self.thread = threading.Thread(target=self._poll, args=(gateway, job_id), daemon=True)
+        self.thread.start()
+
+    def _poll(self, gateway: Gateway, job_id: str) -> None:
+        deadline = time.monotonic() + 120
+        with client_for(gateway) as client:
+            while time.monotonic() < deadline:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                if job["status"] not in ("queued", "running"):
+                    return
+                if job["status"] == "running" and job["progress"]:
+                    self.seen.add(job["progress"]["step"])
+                time.sleep(0.05)
+
+    def steps(self) -> set[int]:
+        """The steps seen, once the job has ended."""
+        self.thread.join(120)
+        return self.seen
 
 
 def started(client: httpx.Client, job_id: str) -> Job:
@@ -180,6 +192,7 @@ def test_jobs_join_a_running_loop_cancel_out_of_it_and_survive_a_drain(
     with client_for(gateway) as client:
         # A long job runs; a short one submitted meanwhile joins its loop and finishes first.
         long = client.post("/v1/jobs", json={**BASE, "steps": 150, "seed": 21}).json()["id"]
+        watch = Watch(gateway, long)
         assert started(client, long)["status"] == "running"
         short = client.post("/v1/jobs", json={**BASE, "steps": 4, "seed": 22}).json()["id"]
         short_done = wait_for(client, short, timeout=30)
@@ -189,9 +202,7 @@ def test_jobs_join_a_running_loop_cancel_out_of_it_and_survive_a_drain(
         victim = client.post("/v1/jobs", json={**BASE, "steps": 150, "seed": 23}).json()["id"]
         assert started(client, victim)["status"] == "running"
         assert client.post(f"/v1/jobs/{victim}/cancel").status_code == 200
-        steps = progress_while_running(
-            client, long, lambda: client.get(f"/v1/jobs/{long}").json()["status"] != "running"
-        )
+        steps = watch.steps()
         long_done = wait_for(client, long, timeout=60)
         canceled = wait_for(client, victim, timeout=30)
         # A drain: jobs that started finish here, those that had not go back to their line.
