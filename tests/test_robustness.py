@@ -423,39 +423,55 @@ def test_a_recorded_job_is_answered_202_whatever_fails_on_the_way_to_the_answer(
 # --- 5: inboxes are never dropped ----------------------------------------------------------------
 
 
+class Recorded:
+    """An in-process runner of the tiny model whose messages only record how they were settled."""
+
+    def __init__(self, r: redis.Redis, tmp_path: Path, model_cache: Path, max_rows: int) -> None:
+        from worker.batch import BatchContext
+        from worker.batcher import Limits
+        from worker.inference import Engine
+        from worker.models import load_pipeline
+        from worker.runner import Runner
+
+        self.store = JobStore(r, Ledger(dispatch=DispatchConfig(margin=50)))
+        self.settled: list[tuple[str, str]] = []
+        engine = Engine(load_pipeline("tiny", model_cache))
+        images = FileStore(tmp_path / "images", b"k")
+        self.runner = Runner(
+            r,
+            self.store,
+            Limits(max_rows=max_rows, max_pixels=10**9, timeout_s=0.0),
+            lambda: BatchContext(self.store, images, engine, "w@t", 30.0, 0.0),
+            name="w@t",
+            model="tiny",
+            queue=self.store.ledger.queue_of("tiny"),
+            heartbeat_s=0.2,
+            prefetch=8,
+        )
+
+    def submit(self) -> str:
+        """A 2-step tiny job in the ledger; its id."""
+        return str(self.store.submit(record(model="tiny", steps=2)).value)
+
+    def offer(self, job_id: str) -> None:
+        """Hand the runner the job's message, as Celery's consumer would."""
+        from worker.runner import Delivery
+
+        def note(kind: str) -> Callable[[], None]:
+            return lambda: self.settled.append((job_id, kind))
+
+        delivery = Delivery(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
+        self.runner.offer(job_id, delivery)
+
+
 def test_jobs_received_while_redis_is_away_are_kept_then_run_or_handed_back(
     tmp_path: Path, model_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from worker.batch import BatchContext
-    from worker.batcher import Limits
-    from worker.inference import Engine
-    from worker.models import load_pipeline
-    from worker.runner import Delivery, Runner
-
     server = EmbeddedRedis(tmp_path / "redis", aof=True).start()  # stopped and started: AOF
     r = redis.Redis.from_url(server.url, decode_responses=True, socket_timeout=2)
-    store = JobStore(r, Ledger(dispatch=DispatchConfig(margin=50)))
-    engine = Engine(load_pipeline("tiny", model_cache))
-    settled: list[tuple[str, str]] = []
-
-    def delivery(job_id: str) -> Delivery:
-        def note(kind: str) -> Callable[[], None]:
-            return lambda: settled.append((job_id, kind))
-
-        return Delivery(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
-
-    runner = Runner(
-        r,
-        store,
-        Limits(max_rows=4, max_pixels=10**9, timeout_s=0.0),
-        lambda: BatchContext(store, FileStore(tmp_path / "images", b"k"), engine, "w@t", 30.0, 0.0),
-        name="w@t",
-        model="tiny",
-        queue=store.ledger.queue_of("tiny"),
-        heartbeat_s=0.2,
-        prefetch=8,
-    )
-    ids = [store.submit(record(model="tiny", steps=2)).value for _ in range(5)]
+    worker = Recorded(r, tmp_path, model_cache, max_rows=4)
+    store, runner, settled = worker.store, worker.runner, worker.settled
+    ids = [worker.submit() for _ in range(5)]
     runner.start()
     try:
         wait_until(
@@ -465,13 +481,13 @@ def test_jobs_received_while_redis_is_away_are_kept_then_run_or_handed_back(
         )
         server.stop()
         for job_id in ids[:3]:  # received from the broker just as the ledger went away
-            runner.offer(job_id, delivery(job_id))
+            worker.offer(job_id)
         wait_until(lambda: "Redis unavailable" in caplog.text, 30, "the loop to meet the outage")
         server.start()
         wait_until(lambda: len(settled) == 3, 60, "the three to be run and acked")
         server.stop()
         for job_id in ids[3:]:  # received, then the worker drains while Redis is away
-            runner.offer(job_id, delivery(job_id))
+            worker.offer(job_id)
         runner.stop(10)
     finally:
         server.stop()
@@ -495,11 +511,6 @@ def test_a_bug_in_the_storing_thread_is_logged_with_its_jobs_and_the_worker_goes
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from worker import batch
-    from worker.batch import BatchContext
-    from worker.batcher import Limits
-    from worker.inference import Engine
-    from worker.models import load_pipeline
-    from worker.runner import Delivery, Runner
 
     calls, encode = [], batch.encode
 
@@ -511,33 +522,14 @@ def test_a_bug_in_the_storing_thread_is_logged_with_its_jobs_and_the_worker_goes
         return encode(image, fmt)  # type: ignore[arg-type]
 
     monkeypatch.setattr(batch, "encode", buggy_once)
-    store = JobStore(rclient, Ledger(dispatch=DispatchConfig(margin=50)))
-    engine = Engine(load_pipeline("tiny", model_cache))
-    settled: list[tuple[str, str]] = []
-
-    def delivery(job_id: str) -> Delivery:
-        def note(kind: str) -> Callable[[], None]:
-            return lambda: settled.append((job_id, kind))
-
-        return Delivery(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
-
-    runner = Runner(
-        rclient,
-        store,
-        Limits(max_rows=1, max_pixels=10**9, timeout_s=0.0),
-        lambda: BatchContext(store, FileStore(tmp_path / "images", b"k"), engine, "w@t", 30.0, 0.0),
-        name="w@t",
-        model="tiny",
-        queue=store.ledger.queue_of("tiny"),
-        heartbeat_s=0.2,
-        prefetch=8,
-    )
-    first, second = (store.submit(record(model="tiny", steps=2)).value for _ in range(2))
+    worker = Recorded(rclient, tmp_path, model_cache, max_rows=1)
+    store, runner, settled = worker.store, worker.runner, worker.settled
+    first, second = worker.submit(), worker.submit()
     runner.start()
     try:
-        runner.offer(first, delivery(first))
+        worker.offer(first)
         wait_until(lambda: settled, 60, "the first job's message to be settled")
-        runner.offer(second, delivery(second))
+        worker.offer(second)
         wait_until(lambda: len(settled) == 2, 60, "the second job to be run and acked")
         assert runner.threads[0].is_alive()
         assert not runner.stopping.is_set()
