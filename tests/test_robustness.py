@@ -455,12 +455,12 @@ class Recorded:
 
     def offer(self, job_id: str) -> None:
         """Hand the runner the job's message, as Celery's consumer would."""
-        from worker.runner import Delivery
+        from worker.runner import Message
 
         def note(kind: str) -> Callable[[], None]:
             return lambda: self.settled.append((job_id, kind))
 
-        delivery = Delivery(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
+        delivery = Message(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
         self.runner.offer(job_id, delivery)
 
 

@@ -32,7 +32,7 @@ from worker.batch import BatchContext
 from worker.batcher import Limits
 from worker.inference import Engine, Row, StepHook
 from worker.models import build_tiny_lora, load_pipeline
-from worker.runner import EXIT_LOOP_FAILED, Delivery
+from worker.runner import EXIT_LOOP_FAILED, Message
 from worker.stepper import StepRunner
 from worker.steps import LoopStats
 
@@ -290,7 +290,7 @@ def test_a_family_the_step_engine_does_not_know_is_served_in_batches(
 
     runner.start()
     try:
-        runner.offer(job.id, Delivery(job.id, *[lambda: None] * 4))
+        runner.offer(job.id, Message(job.id, *[lambda: None] * 4))
         wait_until(lambda: (s := status()) is not None and s.terminal, 60, "the job to end")
     finally:
         runner.stop(10)

@@ -372,7 +372,7 @@ def traced(ctx: BatchContext, claim_: Claim, change: Change, call: Call | None) 
 
 
 @dataclass
-class Made:
+class CallOutput:
     """The images of one pipeline call, each job's share, waiting to be stored."""
 
     claims: list[Claim]
@@ -382,21 +382,21 @@ class Made:
 
 
 @dataclass
-class Ran:
+class BatchResult:
     """A batch whose pipeline calls are done; its images are stored by `store_batch`."""
 
     claims: list[Claim]
-    made: list[Made]
+    calls: list[CallOutput]
 
     @property
     def images(self) -> int:
         """Images the pipeline made."""
-        return sum(m.call.rows for m in self.made)
+        return sum(m.call.rows for m in self.calls)
 
 
 def run_claims(
     ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket, capacity: int
-) -> list[Made]:
+) -> list[CallOutput]:
     """One pipeline call for these claims (a job larger than `capacity` rows in several, one
     after another, so a call never holds more pixels than the budget); on error, each job again
     alone.
@@ -425,7 +425,7 @@ def run_claims(
         n = c.record.request.num_images
         per_job.append(images[offset : offset + n])
         offset += n
-    return [Made(list(claims), per_job, run_s, call_info)]
+    return [CallOutput(list(claims), per_job, run_s, call_info)]
 
 
 def call(
@@ -477,13 +477,15 @@ def with_inputs(ctx: BatchContext, claims: Sequence[Claim]) -> list[Claim]:
 
 def run_models(
     ctx: BatchContext, records: Sequence[JobRecord], bucket: Bucket, capacity: int
-) -> Ran:
+) -> BatchResult:
     """Claim the jobs, load their inputs and run the pipeline (split to the row cap); storing
     comes after."""
     return run_claimed(ctx, with_inputs(ctx, claim(ctx, records)), bucket, capacity)
 
 
-def run_claimed(ctx: BatchContext, claims: list[Claim], bucket: Bucket, capacity: int) -> Ran:
+def run_claimed(
+    ctx: BatchContext, claims: list[Claim], bucket: Bucket, capacity: int
+) -> BatchResult:
     """Run jobs claimed with their inputs loaded (split to the row cap); storing comes after."""
     for c in claims:
         ctx.running[c.job_id] = c  # the heartbeat renews their leases until they are stored
@@ -494,18 +496,18 @@ def run_claimed(ctx: BatchContext, claims: list[Claim], bucket: Bucket, capacity
     except BaseException:
         release(ctx, claims)
         raise
-    return Ran(claims, made)
+    return BatchResult(claims, made)
 
 
-def store_batch(ctx: BatchContext, ran: Ran) -> None:
+def store_batch(ctx: BatchContext, result: BatchResult) -> None:
     """Store a run batch's images and finish its jobs (a job canceled meanwhile stores nothing)."""
     try:
-        for m in ran.made:
+        for m in result.calls:
             count_calls(ctx.store.redis, m.claims[0].record.model, m.call.rows, m.call.capacity)
             live = [(c, images) for c, images in zip(m.claims, m.images, strict=True) if c.live]
             finish(ctx, [c for c, _ in live], [images for _, images in live], m.run_s, m.call)
     finally:
-        release(ctx, ran.claims)
+        release(ctx, result.claims)
 
 
 def release(ctx: BatchContext, claims: Sequence[Claim]) -> None:
@@ -521,9 +523,9 @@ def run_batch(
 
     The runner calls the two halves itself, storing one batch while the next one runs.
     """
-    ran = run_models(ctx, records, bucket, capacity)
-    store_batch(ctx, ran)
-    return ran.images
+    result = run_models(ctx, records, bucket, capacity)
+    store_batch(ctx, result)
+    return result.images
 
 
 def split(claims: Sequence[Claim], max_rows: int) -> list[list[Claim]]:
