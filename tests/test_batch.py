@@ -17,8 +17,9 @@ from core.storage import FileStore
 from core.store import Change, DispatchConfig, JobStore, Ledger
 from tests.conftest import WorkerProcess
 from tests.test_store import record
-from worker.batch import BatchContext, run_batch
+from worker.batch import run_batch
 from worker.batcher import Limits
+from worker.claims import BatchContext
 from worker.inference import Engine, Row, StepHook
 from worker.models import load_pipeline
 from worker.runner import Message, Runner

@@ -427,8 +427,8 @@ class Recorded:
     """An in-process runner of the tiny model whose messages only record how they were settled."""
 
     def __init__(self, r: redis.Redis, tmp_path: Path, model_cache: Path, max_rows: int) -> None:
-        from worker.batch import BatchContext
         from worker.batcher import Limits
+        from worker.claims import BatchContext
         from worker.inference import Engine
         from worker.models import load_pipeline
         from worker.runner import Runner

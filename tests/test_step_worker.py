@@ -28,8 +28,8 @@ from core.storage import FileStore
 from core.store import DispatchConfig, JobStore, Ledger
 from tests.conftest import Gateway, WorkerProcess, client_for, live_workers, wait_for, wait_until
 from tests.test_store import record
-from worker.batch import BatchContext
 from worker.batcher import Limits
+from worker.claims import BatchContext
 from worker.inference import Engine, Row, StepHook
 from worker.models import build_tiny_lora, load_pipeline
 from worker.runner import EXIT_LOOP_FAILED, Message

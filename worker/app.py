@@ -29,9 +29,9 @@ from core.settings import Settings
 from core.storage import open_store
 from core.store import JobStore, Ledger
 from core.tracing import Tracing
-from worker.batch import BatchContext, Generator
 from worker.batcher import Limits
 from worker.celeryapp import at_least_once
+from worker.claims import BatchContext, Generator
 from worker.inputs import InputLimits, InputLoader
 from worker.runner import Message, Runner, Supervision
 

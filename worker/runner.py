@@ -33,8 +33,9 @@ from core.heartbeats import WorkerBeat, WorkerState
 from core.jobs import Bucket, JobStatus
 from core.records import JobRecord, Unreadable
 from core.store import Change, JobStore
-from worker.batch import BatchContext, BatchResult, overdue, renew, run_models, store_batch
+from worker.batch import BatchResult, run_models, store_batch
 from worker.batcher import Limits, Pending, pick
+from worker.claims import BatchContext, overdue, renew
 
 log = logging.getLogger(__name__)
 

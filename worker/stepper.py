@@ -30,20 +30,9 @@ from core.errors import ValidationFailed
 from core.jobs import Bucket, Progress
 from core.store import Change
 from worker.admission import Priority
-from worker.batch import (
-    BatchContext,
-    CallInfo,
-    Claim,
-    claim,
-    fail,
-    finish,
-    overdue,
-    release,
-    renew_each,
-    run_claimed,
-    with_inputs,
-)
+from worker.batch import fail, finish, release, run_claimed, with_inputs
 from worker.batcher import Pending
+from worker.claims import BatchContext, CallInfo, Claim, claim, overdue, renew_each
 from worker.families import StepUnsupported
 from worker.inference import paste_back
 from worker.reports import StepReport
