@@ -21,7 +21,7 @@ from PIL.Image import Image
 from core.catalog import ModelSpec
 from core.jobs import Bucket
 from core.loras import LoraCatalog
-from worker.batch import Generator
+from worker.claims import Generator
 from worker.inference import Row, StepHook, load_engine
 
 RAISE, EXIT, HANG = "fault:raise", "fault:exit", "fault:hang"

@@ -17,11 +17,12 @@ from core.storage import FileStore
 from core.store import Change, DispatchConfig, JobStore, Ledger
 from tests.conftest import WorkerProcess
 from tests.test_store import record
-from worker.batch import BatchContext, run_batch
+from worker.batch import run_batch
 from worker.batcher import Limits
+from worker.claims import BatchContext
 from worker.inference import Engine, Row, StepHook
 from worker.models import load_pipeline
-from worker.runner import Delivery, Runner
+from worker.runner import Message, Runner
 
 BUCKET = Bucket(64, 64, 2, 7.5)
 
@@ -158,11 +159,11 @@ def test_the_runner_stores_one_batch_while_the_pipeline_runs_the_next(
     storage, timed = SlowStore(tmp_path, 0.4), TimedEngine(engine)
     settled: list[tuple[str, str]] = []
 
-    def delivery(tag: str) -> Delivery:
+    def delivery(tag: str) -> Message:
         def note(kind: str) -> Callable[[], None]:
             return lambda: settled.append((tag, kind))
 
-        return Delivery(tag, note("ack"), note("requeue"), note("ack"), note("requeue"))
+        return Message(tag, note("ack"), note("requeue"), note("ack"), note("requeue"))
 
     runner = Runner(
         rclient,

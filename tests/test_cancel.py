@@ -18,11 +18,12 @@ from core.storage import FileStore
 from core.store import Change, DispatchConfig, JobStore, Ledger
 from tests.conftest import wait_until
 from tests.test_store import record
-from worker.batch import BatchContext, run_batch
+from worker.batch import run_batch
 from worker.batcher import Limits
+from worker.claims import BatchContext
 from worker.inference import Engine, Row, StepHook
 from worker.models import load_pipeline
-from worker.runner import EXIT_ABANDONED, Delivery, Runner, Supervision
+from worker.runner import EXIT_ABANDONED, Message, Runner, Supervision
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_a_canceled_call_that_still_steps_is_interrupted_not_abandoned(
     store.submit(job)
     runner.start()
     try:
-        noop = Delivery(job.id, lambda: None, lambda: None, lambda: None, lambda: None)
+        noop = Message(job.id, lambda: None, lambda: None, lambda: None, lambda: None)
         runner.offer(job.id, noop)
         wait_until(lambda: slow.steps >= 2, 30, "the call stepping")
         assert store.change(Change("cancel", job.id)).ok
@@ -157,11 +158,11 @@ def test_a_canceled_call_that_will_not_stop_is_abandoned(
     )
     settled: list[str] = []
 
-    def delivery(job_id: str) -> Delivery:
+    def delivery(job_id: str) -> Message:
         def note(kind: str) -> Callable[[], None]:
             return lambda: settled.append(f"{kind} {job_id}")
 
-        return Delivery(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
+        return Message(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
 
     giant, waiting = record(model="tiny"), record(model="tiny")
     for rec in (giant, waiting):

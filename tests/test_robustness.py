@@ -427,8 +427,8 @@ class Recorded:
     """An in-process runner of the tiny model whose messages only record how they were settled."""
 
     def __init__(self, r: redis.Redis, tmp_path: Path, model_cache: Path, max_rows: int) -> None:
-        from worker.batch import BatchContext
         from worker.batcher import Limits
+        from worker.claims import BatchContext
         from worker.inference import Engine
         from worker.models import load_pipeline
         from worker.runner import Runner
@@ -455,12 +455,12 @@ class Recorded:
 
     def offer(self, job_id: str) -> None:
         """Hand the runner the job's message, as Celery's consumer would."""
-        from worker.runner import Delivery
+        from worker.runner import Message
 
         def note(kind: str) -> Callable[[], None]:
             return lambda: self.settled.append((job_id, kind))
 
-        delivery = Delivery(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
+        delivery = Message(job_id, note("ack"), note("requeue"), note("ack"), note("requeue"))
         self.runner.offer(job_id, delivery)
 
 

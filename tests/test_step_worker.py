@@ -28,11 +28,11 @@ from core.storage import FileStore
 from core.store import DispatchConfig, JobStore, Ledger
 from tests.conftest import Gateway, WorkerProcess, client_for, live_workers, wait_for, wait_until
 from tests.test_store import record
-from worker.batch import BatchContext
 from worker.batcher import Limits
+from worker.claims import BatchContext
 from worker.inference import Engine, Row, StepHook
 from worker.models import build_tiny_lora, load_pipeline
-from worker.runner import EXIT_LOOP_FAILED, Delivery
+from worker.runner import EXIT_LOOP_FAILED, Message
 from worker.stepper import StepRunner
 from worker.steps import LoopStats
 
@@ -290,7 +290,7 @@ def test_a_family_the_step_engine_does_not_know_is_served_in_batches(
 
     runner.start()
     try:
-        runner.offer(job.id, Delivery(job.id, *[lambda: None] * 4))
+        runner.offer(job.id, Message(job.id, *[lambda: None] * 4))
         wait_until(lambda: (s := status()) is not None and s.terminal, 60, "the job to end")
     finally:
         runner.stop(10)

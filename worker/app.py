@@ -29,11 +29,11 @@ from core.settings import Settings
 from core.storage import open_store
 from core.store import JobStore, Ledger
 from core.tracing import Tracing
-from worker.batch import BatchContext, Generator
 from worker.batcher import Limits
 from worker.celeryapp import at_least_once
+from worker.claims import BatchContext, Generator
 from worker.inputs import InputLimits, InputLoader
-from worker.runner import Delivery, Runner, Supervision
+from worker.runner import Message, Runner, Supervision
 
 log = logging.getLogger(__name__)
 celery_log = get_logger(__name__)
@@ -80,14 +80,14 @@ def batching_strategy(task: Task, app: Celery, consumer: Any, **_: Any) -> Any:
     errors = consumer.connection_errors
 
     def on_message(message: Any, _body: Any, ack: Any, reject: Any, _cbs: Any, **__: Any) -> None:
-        delivery = Delivery(
+        settling = Message(
             tag=str(message.delivery_tag),
             ack_soon=lambda: ack(celery_log, errors),
             requeue_soon=lambda: reject(celery_log, errors, True),
             ack_now=lambda: message.ack_log_error(celery_log, errors),
             requeue_now=lambda: message.reject_log_error(celery_log, errors, requeue=True),
         )
-        runner.offer(job_id_of(message), delivery)
+        runner.offer(job_id_of(message), settling)
 
     return on_message
 

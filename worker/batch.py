@@ -10,241 +10,33 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from PIL.Image import Image
-from redis.exceptions import RedisError
 
-from core.catalog import Resize
 from core.errors import StorageError
-from core.jobs import Bucket, ErrorInfo, JobStatus, Metrics, Progress, StoredImage
+from core.jobs import Bucket, JobStatus, Metrics, Progress, StoredImage
 from core.records import JobRecord
-from core.storage import CONTENT_TYPES, ObjectStore, image_key, job_folder, put_with_retries
-from core.store import Applied, Change, JobStore
-from core.tracing import Tracing
-from worker.inference import Row, StepHook
-from worker.inputs import InputLoader, InputRefused, Inputs, prepare_inputs
+from core.storage import CONTENT_TYPES, image_key, job_folder, put_with_retries
+from core.store import Change
+from worker.claims import (
+    BatchContext,
+    CallInfo,
+    Claim,
+    Progressor,
+    claim,
+    failed,
+    patiently,
+    refused,
+)
+from worker.inference import Row
+from worker.inputs import InputRefused, prepare_inputs
 from worker.spans import Call, count_calls, job_spans
 
 log = logging.getLogger(__name__)
 
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-
-
-class Generator(Protocol):
-    """What makes images (the Engine, or anything shaped like it in tests)."""
-
-    def generate(self, rows: Sequence[Row], bucket: Bucket, on_step: StepHook) -> list[Image]:
-        """Images for `rows`, one per row."""
-
-
-@dataclass(frozen=True)
-class CallInfo:
-    """One pipeline call, as its jobs' metrics record it."""
-
-    batch_id: str
-    rows: int
-    done_at: float | None = None  # epoch seconds when the pipeline call returned
-    capacity: int = 0  # the most rows one call takes (the call was split beyond it)
-
-
-@dataclass
-class Claim:
-    """A job this worker's attempt holds."""
-
-    record: JobRecord
-    attempt: int
-    claimed_at: float
-    live: bool = True
-    inputs: Inputs = field(default_factory=Inputs)  # img2img and inpaint: decoded, fitted
-
-    @property
-    def job_id(self) -> str:
-        """The job's id."""
-        return self.record.id
-
-    def rows(self) -> list[Row]:
-        """The images the job asks for, seeds seed, seed+1, …"""
-        req = self.record.request
-        seed = req.seed or 0
-        image, mask = self.inputs.image, self.inputs.mask
-        return [
-            Row(self.job_id, i, req.prompt, req.negative_prompt, seed + i, image, mask)
-            for i in range(req.num_images)
-        ]
-
-
-def _no_step() -> None:
-    """A loop stamp that records nothing (tests that run a batch alone)."""
-
-
-@dataclass
-class BatchContext:
-    """What a batch needs from its worker."""
-
-    store: JobStore
-    storage: ObjectStore
-    engine: Generator
-    worker: str
-    lease_s: float
-    progress_interval_s: float
-    prefix: str = ""
-    # How long the storing side keeps retrying ledger writes while Redis is unreachable.
-    ledger_patience_s: float = 120.0
-    running: dict[str, Claim] = field(default_factory=dict)  # for the heartbeat's lease renewal
-    # The claims of the pipeline call in progress. Written by the batch thread only (a new list
-    # each call); the heartbeat thread reads it to see whether a canceled call stopped in time.
-    calling: list[Claim] = field(default_factory=list)
-    calling_since: float | None = None  # monotonic start of that call
-    on_step: Callable[[], None] = _no_step  # stamps the work loop's progress for the heartbeat
-    max_run_s: float | None = None  # a job running longer fails (run_timeout); None: no limit
-    inputs: InputLoader | None = None  # reads img2img and inpaint inputs (None: refuses them)
-    resize: Resize = "cover"  # how an input is fitted to the job's size (the model's rule)
-    tracing: Tracing = field(default_factory=Tracing)  # off unless OTEL_* asks for it
-
-
-T = TypeVar("T")
-
-
-def patiently(ctx: BatchContext, what: str, write: Callable[[], T]) -> T:
-    """Retry a ledger read or write while Redis is unreachable, up to the context's patience.
-
-    An outage of the ledger is not a failure of the job: its images are made (and stored), so
-    its outcome waits for Redis instead of the batch being run again.
-    """
-    deadline = time.monotonic() + ctx.ledger_patience_s
-    pause = 0.2
-    while True:
-        try:
-            return write()
-        except RedisError as e:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("the ledger is unreachable while %s (%s); retrying", what, e)
-            ctx.on_step()  # waiting for the ledger is not a wedged loop
-            time.sleep(pause)
-            pause = min(pause * 2, 2.0)
-
-
-def claim(ctx: BatchContext, records: Sequence[JobRecord]) -> list[Claim]:
-    """Move each dispatched job to running under a new attempt; skip those that left."""
-    now = time.time()
-    changes = [
-        Change(
-            "claim",
-            record.id,
-            worker=ctx.worker,
-            lease=now + ctx.lease_s,
-            fields={
-                "started_at": now,
-                "progress": Progress(step=0, total_steps=record.request.steps),
-            },
-        )
-        for record in records
-    ]
-    claims = []
-    for record, applied in zip(records, ctx.store.apply(changes), strict=True):
-        if applied.ok:
-            claims.append(Claim(record, applied.attempt, now))
-        else:
-            log.info("job %s is %s, not dispatched; skipping", record.id, applied.before or "gone")
-    return claims
-
-
-def renew(ctx: BatchContext, claims: Sequence[Claim], **fields: object) -> None:
-    """Extend the leases of the live claims (with `fields`, e.g. progress), in one round trip.
-
-    A claim whose write is refused was canceled, or taken from this attempt (its lease ran out
-    and the job was handed back): it is live no more, and nothing more of it is written.
-    """
-    renew_each(ctx, [(c, fields) for c in claims])
-
-
-def renew_each(ctx: BatchContext, claims: Sequence[tuple[Claim, Mapping[str, object]]]) -> None:
-    """As `renew`, each claim with fields of its own (the step engine's progress per job)."""
-    live = [(c, fields) for c, fields in claims if c.live]
-    lease = time.time() + ctx.lease_s
-    changes = [
-        Change("renew", c.job_id, attempt=c.attempt, worker=ctx.worker, lease=lease, fields=fields)
-        for c, fields in live
-    ]
-    for (c, _), applied in zip(live, ctx.store.apply(changes), strict=True):
-        c.live = applied.ok
-        if not applied.ok:
-            _refused(c, applied)
-
-
-def _refused(c: Claim, applied: Applied) -> None:
-    if applied.before == JobStatus.CANCELED.value:
-        log.info("job %s was canceled while running", c.job_id)
-    elif (applied.before, applied.attempt) == (JobStatus.SUCCEEDED.value, c.attempt):
-        # Only this attempt can have written that: its first write applied, and its reply was
-        # lost (a timeout) before the retry.
-        log.info("job %s: attempt %d's outcome was recorded already", c.job_id, c.attempt)
-    else:
-        log.warning(
-            "job %s: attempt %d no longer holds the job (it is %s, attempt %d); "
-            "its writes are refused",
-            c.job_id,
-            c.attempt,
-            applied.before or "gone",
-            applied.attempt,
-        )
-
-
-def overdue(ctx: BatchContext, claims: Sequence[Claim]) -> int:
-    """Fail the live claims past their deadline or the model's longest run; how many.
-
-    A failed claim is live no more: its rows are dropped (the call is interrupted at the next
-    step when no row is left) and its images never stored. Best effort: on a ledger outage the
-    recovery sweep fails them once Redis is back.
-    """
-    now, failed_now = time.time(), []
-    for c in claims:
-        if not c.live:
-            continue
-        deadline = c.record.deadline_at
-        if deadline is not None and now > deadline:
-            failed_now.append(
-                (c, "deadline_exceeded", "the job did not finish before its deadline")
-            )
-        elif ctx.max_run_s is not None and now - c.claimed_at > ctx.max_run_s:
-            message = f"the job ran longer than this model allows ({ctx.max_run_s:g} s)"
-            failed_now.append((c, "run_timeout", message))
-    if not failed_now:
-        return 0
-    changes = [failed(ctx, c, code, message) for c, code, message in failed_now]
-    for (c, code, _), applied in zip(failed_now, ctx.store.apply(changes), strict=True):
-        c.live = False
-        log.info("job %s failed while running: %s (%s)", c.job_id, code, applied.ok)
-    return len(failed_now)
-
-
-class Progressor:
-    """Writes throttled progress for a call's jobs and notices rows canceled meanwhile."""
-
-    def __init__(self, ctx: BatchContext, claims: Sequence[Claim], total: int) -> None:
-        self.ctx, self.claims, self.total = ctx, claims, total
-        self.last = time.monotonic()
-
-    def __call__(self, step: int) -> bool:
-        """Report `step`; answer whether any row of the call is still wanted."""
-        self.ctx.on_step()
-        now = time.monotonic()
-        if now - self.last >= self.ctx.progress_interval_s or step == self.total:
-            self.last = now
-            try:
-                renew(self.ctx, self.claims, progress=Progress(step=step, total_steps=self.total))
-                overdue(self.ctx, self.claims)
-            except RedisError as e:
-                # Progress is best effort; the heartbeat keeps the lease when Redis is back.
-                log.warning("progress not written (Redis: %s); the batch goes on", e)
-        wanted = any(c.live for c in self.claims)
-        if not wanted:
-            log.info("every row of the batch was canceled; interrupting the pipeline")
-        return wanted
 
 
 def encode(image: Image, fmt: str) -> bytes:
@@ -254,25 +46,12 @@ def encode(image: Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def failed(ctx: BatchContext, claim_: Claim, code: str, message: str) -> Change:
-    """The change that marks a job failed with a short public reason."""
-    fields = {"finished_at": time.time(), "error": ErrorInfo(code=code, message=message)}
-    return Change(
-        "finish",
-        claim_.job_id,
-        attempt=claim_.attempt,
-        worker=ctx.worker,
-        to=JobStatus.FAILED,
-        fields=fields,
-    )
-
-
 def fail(ctx: BatchContext, claim_: Claim, code: str, message: str) -> None:
     """Mark a job failed (a stale attempt's write is refused), waiting out a ledger outage."""
     change = failed(ctx, claim_, code, message)
     applied = patiently(ctx, f"failing job {claim_.job_id}", lambda: ctx.store.change(change))
     if not applied.ok:
-        _refused(claim_, applied)
+        refused(claim_, applied)
     else:
         traced(ctx, claim_, change, None)
 
@@ -357,7 +136,7 @@ def finish(
     for change, outcome in zip(done, applied, strict=True):
         claim_ = next(c for c in claims if c.job_id == change.job_id)
         if not outcome.ok:
-            _refused(claim_, outcome)
+            refused(claim_, outcome)
             if outcome.before == JobStatus.CANCELED.value:  # canceled (or deleted) meanwhile
                 discard(ctx, change)
         elif call.done_at is not None:
@@ -372,7 +151,7 @@ def traced(ctx: BatchContext, claim_: Claim, change: Change, call: Call | None) 
 
 
 @dataclass
-class Made:
+class CallOutput:
     """The images of one pipeline call, each job's share, waiting to be stored."""
 
     claims: list[Claim]
@@ -382,21 +161,21 @@ class Made:
 
 
 @dataclass
-class Ran:
+class BatchResult:
     """A batch whose pipeline calls are done; its images are stored by `store_batch`."""
 
     claims: list[Claim]
-    made: list[Made]
+    calls: list[CallOutput]
 
     @property
     def images(self) -> int:
         """Images the pipeline made."""
-        return sum(m.call.rows for m in self.made)
+        return sum(m.call.rows for m in self.calls)
 
 
 def run_claims(
     ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket, capacity: int
-) -> list[Made]:
+) -> list[CallOutput]:
     """One pipeline call for these claims (a job larger than `capacity` rows in several, one
     after another, so a call never holds more pixels than the budget); on error, each job again
     alone.
@@ -425,7 +204,7 @@ def run_claims(
         n = c.record.request.num_images
         per_job.append(images[offset : offset + n])
         offset += n
-    return [Made(list(claims), per_job, run_s, call_info)]
+    return [CallOutput(list(claims), per_job, run_s, call_info)]
 
 
 def call(
@@ -477,13 +256,15 @@ def with_inputs(ctx: BatchContext, claims: Sequence[Claim]) -> list[Claim]:
 
 def run_models(
     ctx: BatchContext, records: Sequence[JobRecord], bucket: Bucket, capacity: int
-) -> Ran:
+) -> BatchResult:
     """Claim the jobs, load their inputs and run the pipeline (split to the row cap); storing
     comes after."""
     return run_claimed(ctx, with_inputs(ctx, claim(ctx, records)), bucket, capacity)
 
 
-def run_claimed(ctx: BatchContext, claims: list[Claim], bucket: Bucket, capacity: int) -> Ran:
+def run_claimed(
+    ctx: BatchContext, claims: list[Claim], bucket: Bucket, capacity: int
+) -> BatchResult:
     """Run jobs claimed with their inputs loaded (split to the row cap); storing comes after."""
     for c in claims:
         ctx.running[c.job_id] = c  # the heartbeat renews their leases until they are stored
@@ -494,18 +275,18 @@ def run_claimed(ctx: BatchContext, claims: list[Claim], bucket: Bucket, capacity
     except BaseException:
         release(ctx, claims)
         raise
-    return Ran(claims, made)
+    return BatchResult(claims, made)
 
 
-def store_batch(ctx: BatchContext, ran: Ran) -> None:
+def store_batch(ctx: BatchContext, result: BatchResult) -> None:
     """Store a run batch's images and finish its jobs (a job canceled meanwhile stores nothing)."""
     try:
-        for m in ran.made:
+        for m in result.calls:
             count_calls(ctx.store.redis, m.claims[0].record.model, m.call.rows, m.call.capacity)
             live = [(c, images) for c, images in zip(m.claims, m.images, strict=True) if c.live]
             finish(ctx, [c for c, _ in live], [images for _, images in live], m.run_s, m.call)
     finally:
-        release(ctx, ran.claims)
+        release(ctx, result.claims)
 
 
 def release(ctx: BatchContext, claims: Sequence[Claim]) -> None:
@@ -521,9 +302,9 @@ def run_batch(
 
     The runner calls the two halves itself, storing one batch while the next one runs.
     """
-    ran = run_models(ctx, records, bucket, capacity)
-    store_batch(ctx, ran)
-    return ran.images
+    result = run_models(ctx, records, bucket, capacity)
+    store_batch(ctx, result)
+    return result.images
 
 
 def split(claims: Sequence[Claim], max_rows: int) -> list[list[Claim]]:

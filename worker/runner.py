@@ -33,8 +33,9 @@ from core.heartbeats import WorkerBeat, WorkerState
 from core.jobs import Bucket, JobStatus
 from core.records import JobRecord, Unreadable
 from core.store import Change, JobStore
-from worker.batch import BatchContext, Ran, overdue, renew, run_models, store_batch
+from worker.batch import BatchResult, run_models, store_batch
 from worker.batcher import Limits, Pending, pick
+from worker.claims import BatchContext, overdue, renew
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,10 @@ STORE_GRACE_S = 30.0  # on the way out, how long a batch being stored may take t
 
 
 @dataclass(frozen=True)
-class Delivery:
+class Message:
     """Settling one broker message: via Celery's event loop, or directly once that stopped."""
 
-    tag: str  # the broker's delivery tag
+    tag: str  # the broker's message tag
     ack_soon: Callable[[], object]
     requeue_soon: Callable[[], object]
     ack_now: Callable[[], object]
@@ -106,12 +107,12 @@ class Runner:
         self.supervision = supervision or Supervision()
         self.exit = exit
         self.cond = threading.Condition()
-        self.inbox: list[tuple[str, Delivery, float]] = []  # received, not yet read from the ledger
-        self.pending: list[Pending[Delivery]] = []
+        self.inbox: list[tuple[str, Message, float]] = []  # received, not yet read from the ledger
+        self.pending: list[Pending[Message]] = []
         self.records: dict[str, JobRecord] = {}
         self.running = 0
-        self.current: list[Delivery] = []  # the messages of the batch being run
-        self.storing: list[Delivery] = []  # the messages of the batch being stored
+        self.current: list[Message] = []  # the messages of the batch being run
+        self.storing: list[Message] = []  # the messages of the batch being stored
         self.stored: Future[None] | None = None  # when that batch is stored and settled
         self.store_thread = ThreadPoolExecutor(1, thread_name_prefix="dq-store")
         self.stopping = threading.Event()  # the batch loop takes no new batch
@@ -128,10 +129,10 @@ class Runner:
 
     # --- called from Celery's consumer thread -------------------------------------------------
 
-    def offer(self, job_id: str, delivery: Delivery) -> None:
+    def offer(self, job_id: str, message: Message) -> None:
         """Buffer one received message; the loop reads its job and batches it."""
         with self.cond:
-            self.inbox.append((job_id, delivery, time.monotonic()))
+            self.inbox.append((job_id, message, time.monotonic()))
             self.cond.notify()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -170,14 +171,14 @@ class Runner:
             ]
             self.inbox.clear()
             self.pending.clear()
-        for job_id, delivery in returned:
+        for job_id, message in returned:
             try:
                 # Only if still dispatched: a duplicate message of a job running (here or
                 # anywhere) must never take it from its attempt.
                 self.store.change(Change("undispatch", job_id))
-                delivery.ack_now()
+                message.ack_now()
             except RedisError:
-                delivery.requeue_now()  # the ledger is away: the message goes back instead
+                message.requeue_now()  # the ledger is away: the message goes back instead
         log.info("drained: %d buffered job(s) handed back", len(returned))
 
     def fatal(self, code: int, why: str) -> None:
@@ -263,7 +264,7 @@ class Runner:
             self.pending = [p for p in self.pending if p.job_id not in taken]
         self._run(list(choice.batch))
 
-    def _run(self, batch: list[Pending[Delivery]]) -> None:
+    def _run(self, batch: list[Pending[Message]]) -> None:
         ctx = self.ctx
         assert ctx is not None
         bucket: Bucket = batch[0].bucket
@@ -274,43 +275,45 @@ class Runner:
             [p.handle for p in batch], ids, lambda: run_models(ctx, records, bucket, capacity)
         )
 
-    def _call(self, deliveries: list[Delivery], ids: list[str], run: Callable[[], Ran]) -> None:
+    def _call(
+        self, messages: list[Message], ids: list[str], run: Callable[[], BatchResult]
+    ) -> None:
         """Run a batch's pipeline calls; it is stored on the storing thread while the next runs."""
-        self.running, self.current = len(deliveries), deliveries
+        self.running, self.current = len(messages), messages
         start = time.monotonic()
         try:
-            ran = run()
+            result = run()
         except BaseException as e:
             # The claims failed (the ledger is away) or the loop broke: the messages go back,
             # and the ledger decides what runs. Whoever logs the error names the jobs.
             e.add_note(f"the batch's jobs: {','.join(ids)}")
-            self._settle_all(deliveries, ack=False)
+            self._settle_all(messages, ack=False)
             raise
         finally:
             self.running, self.current = 0, []
         seconds = time.monotonic() - start
-        self.rate.add(ran.images, seconds)
-        self.unit_rate.add(sum(c.record.units for c in ran.claims), seconds)
+        self.rate.add(result.images, seconds)
+        self.unit_rate.add(sum(c.record.units for c in result.claims), seconds)
         self._wait_stored()  # the batch before this one
         # Held by the storing thread from here: the heartbeat never loses sight of these tags.
-        self.storing = deliveries
-        self.stored = self.store_thread.submit(self._store, ran, deliveries)
+        self.storing = messages
+        self.stored = self.store_thread.submit(self._store, result, messages)
 
-    def _store(self, ran: Ran, deliveries: Sequence[Delivery]) -> None:
+    def _store(self, result: BatchResult, messages: Sequence[Message]) -> None:
         """Store a run batch and settle its messages (in the storing thread)."""
         assert self.ctx is not None
         try:
-            store_batch(self.ctx, ran)
+            store_batch(self.ctx, result)
         except Exception:
             # Ledger or store unreachable for longer than the patience: the messages come back
             # and the ledger decides.
             log.exception(
                 "storing the batch of jobs %s failed; their messages go back",
-                ",".join(c.job_id for c in ran.claims),
+                ",".join(c.job_id for c in result.claims),
             )
-            self._settle_all(deliveries, ack=False)
+            self._settle_all(messages, ack=False)
         else:
-            self._settle_all(deliveries, ack=True)
+            self._settle_all(messages, ack=True)
         finally:
             self.storing = []
 
@@ -320,16 +323,16 @@ class Runner:
             stored, self.stored = self.stored, None
             stored.result()
 
-    def _settle_all(self, deliveries: Sequence[Delivery], *, ack: bool) -> None:
-        for delivery in deliveries:
-            self._settle(delivery, ack=ack)
+    def _settle_all(self, messages: Sequence[Message], *, ack: bool) -> None:
+        for message in messages:
+            self._settle(message, ack=ack)
 
-    def _settle(self, delivery: Delivery, *, ack: bool) -> None:
+    def _settle(self, message: Message, *, ack: bool) -> None:
         """Ack or requeue; once draining, Celery's loop no longer runs, so settle directly."""
         if self.stopping.is_set():
-            (delivery.ack_now if ack else delivery.requeue_now)()
+            (message.ack_now if ack else message.requeue_now)()
         else:
-            (delivery.ack_soon if ack else delivery.requeue_soon)()
+            (message.ack_soon if ack else message.requeue_soon)()
 
     def _more_coming(self) -> bool:
         """True while the broker holds messages this worker could still receive."""
@@ -350,9 +353,9 @@ class Runner:
                 self.inbox[:0] = inbox
             raise
         fresh = []
-        for (job_id, delivery, arrived), record in zip(inbox, records, strict=True):
+        for (job_id, message, arrived), record in zip(inbox, records, strict=True):
             if isinstance(record, Unreadable):
-                self._quarantine(job_id, record.reason, delivery)
+                self._quarantine(job_id, record.reason, message)
                 continue
             if record is None or not _dispatched(record) or job_id in self.records:
                 log.info(
@@ -360,18 +363,18 @@ class Runner:
                     job_id,
                     record.status.value if record else "gone",
                 )
-                self._settle(delivery, ack=True)
+                self._settle(message, ack=True)
                 continue
             self.records[job_id] = record
             bucket = Bucket.of(record.request, record.model)
-            fresh.append(Pending(job_id, bucket, record.request.num_images, arrived, delivery))
+            fresh.append(Pending(job_id, bucket, record.request.num_images, arrived, message))
         with self.cond:
             self.pending.extend(fresh)
 
-    def _quarantine(self, job_id: str, reason: str, delivery: Delivery) -> None:
+    def _quarantine(self, job_id: str, reason: str, message: Message) -> None:
         log.error("job %s: its record cannot be read (%s); it is set aside", job_id, reason)
         self.store.quarantine(job_id)
-        self._settle(delivery, ack=True)
+        self._settle(message, ack=True)
 
     # --- heartbeat ---------------------------------------------------------------------------
 
@@ -442,7 +445,7 @@ class Runner:
         """
         return max(1, self.prefetch - self.limits.max_rows)
 
-    def _working(self) -> tuple[list[Delivery], int]:
+    def _working(self) -> tuple[list[Message], int]:
         """The messages of the jobs being run or stored, and the rows running."""
         return [*self.current, *self.storing], self.running
 

@@ -30,24 +30,13 @@ from core.errors import ValidationFailed
 from core.jobs import Bucket, Progress
 from core.store import Change
 from worker.admission import Priority
-from worker.batch import (
-    BatchContext,
-    CallInfo,
-    Claim,
-    claim,
-    fail,
-    finish,
-    overdue,
-    release,
-    renew_each,
-    run_claimed,
-    with_inputs,
-)
+from worker.batch import fail, finish, release, run_claimed, with_inputs
 from worker.batcher import Pending
+from worker.claims import BatchContext, CallInfo, Claim, claim, overdue, renew_each
 from worker.families import StepUnsupported
 from worker.inference import paste_back
 from worker.reports import StepReport
-from worker.runner import Delivery, Runner
+from worker.runner import Message, Runner
 from worker.steps import LoopSettings, StepEngine
 from worker.tracks import StepJob
 
@@ -59,7 +48,7 @@ class Stepping:
     """A job in the step engine: its claim, its message, and when it went in."""
 
     claim: Claim
-    delivery: Delivery
+    message: Message
     submitted_at: float  # epoch seconds
     leaving: bool = False  # told to leave the engine (canceled, failed, taken from this attempt)
 
@@ -73,7 +62,7 @@ class StepRunner(Runner):
         self.loop = loop or LoopSettings()
         self.engine: StepEngine | None = None  # None: serving in batches
         self.stepping: dict[str, Stepping] = {}  # under self.cond
-        self.refused: list[tuple[Claim, Delivery]] = []  # claimed, for batches (loop thread)
+        self.refused: list[tuple[Claim, Message]] = []  # claimed, for batches (loop thread)
         self.strength = Defaults().strength  # an image job's strength when it names none
         self.tasks: tuple[str, ...] | None = None  # the catalog's tasks for the model (None: any)
         self.submitted_at: float | None = None  # monotonic: the last job given to the engine
@@ -127,31 +116,31 @@ class StepRunner(Runner):
         moved = [t for t in (engine.snapshot().last_step_at, self.submitted_at) if t is not None]
         self.loop_at = time.time() - (time.monotonic() - max(moved))
 
-    def _enter(self, fresh: list[Pending[Delivery]]) -> None:
+    def _enter(self, fresh: list[Pending[Message]]) -> None:
         """Claim newly read jobs, load their inputs and submit them to the engine."""
         ctx = self.ctx
         assert ctx is not None
         records = [self.records.pop(p.job_id) for p in fresh]
-        deliveries = {p.job_id: p.handle for p in fresh}
+        messages = {p.job_id: p.handle for p in fresh}
         try:
             claims = with_inputs(ctx, claim(ctx, records))
         except BaseException as e:
             # The ledger is away: the messages go back, and the ledger decides what runs.
-            e.add_note(f"the jobs: {','.join(deliveries)}")
-            self._settle_all(list(deliveries.values()), ack=False)
+            e.add_note(f"the jobs: {','.join(messages)}")
+            self._settle_all(list(messages.values()), ack=False)
             raise
         for c in claims:
-            self._submit(c, deliveries.pop(c.job_id))
-        self._settle_all(list(deliveries.values()), ack=True)  # gone, or failed on their inputs
+            self._submit(c, messages.pop(c.job_id))
+        self._settle_all(list(messages.values()), ack=True)  # gone, or failed on their inputs
 
-    def _submit(self, c: Claim, delivery: Delivery) -> None:
+    def _submit(self, c: Claim, message: Message) -> None:
         """One claimed job into the engine; one it refuses waits for batches."""
         ctx, engine = self.ctx, self.engine
         assert ctx is not None
         assert engine is not None
         ctx.running[c.job_id] = c  # the heartbeat renews its lease from now on
         with self.cond:  # before the engine can report on it
-            self.stepping[c.job_id] = Stepping(c, delivery, time.time())
+            self.stepping[c.job_id] = Stepping(c, message, time.time())
         try:
             engine.submit(self._job(c))
         except (StepUnsupported, ValidationFailed) as e:
@@ -159,11 +148,11 @@ class StepRunner(Runner):
                 del self.stepping[c.job_id]
             if isinstance(e, StepUnsupported):
                 log.info("job %s runs in batches: %s", c.job_id, e.message)
-                self.refused.append((c, delivery))
+                self.refused.append((c, message))
                 return
             release(ctx, [c])
             fail(ctx, c, e.code, e.message)
-            self._settle(delivery, ack=True)
+            self._settle(message, ack=True)
             return
         self.submitted_at = time.monotonic()
 
@@ -215,7 +204,7 @@ class StepRunner(Runner):
             if adapters is not None:
                 adapters.use(())
 
-    def _run_group(self, bucket: Bucket, group: list[tuple[Claim, Delivery]]) -> None:
+    def _run_group(self, bucket: Bucket, group: list[tuple[Claim, Message]]) -> None:
         """One bucket's refused jobs through the pipeline, stored as a batch."""
         ctx = self.ctx
         assert ctx is not None
@@ -295,7 +284,7 @@ class StepRunner(Runner):
             with self.cond:
                 self.stepping.pop(entry.claim.job_id, None)
                 self.cond.notify_all()
-        self._settle(entry.delivery, ack=ack)
+        self._settle(entry.message, ack=ack)
 
     def _succeeded(self, entry: Stepping, images: list[Image], done_at: float) -> None:
         """Store a job's images and mark it succeeded."""
@@ -344,11 +333,11 @@ class StepRunner(Runner):
         if images or idle:
             self.made_since = now
 
-    def _working(self) -> tuple[list[Delivery], int]:
+    def _working(self) -> tuple[list[Message], int]:
         """The batch runner's, plus the jobs in the engine and those waiting for batches."""
         held, running = super()._working()
         with self.cond:
-            stepping = [e.delivery for e in self.stepping.values()]
+            stepping = [e.message for e in self.stepping.values()]
         refused = [d for _, d in list(self.refused)]
         return [*held, *stepping, *refused], running + len(stepping)
 
@@ -364,27 +353,27 @@ class StepRunner(Runner):
         with self.cond:
             back = [self.stepping.pop(j) for j in drained.returned if j in self.stepping]
             left = [self.stepping[j] for j in drained.unfinished if j in self.stepping]
-        self._return([(e.claim, e.delivery) for e in back] + self.refused)
+        self._return([(e.claim, e.message) for e in back] + self.refused)
         self.refused = []
         self.store_thread.submit(lambda: None).result()  # every end reported is recorded
         engine.close()
         for entry in left:  # the lease runs out and the recovery sweep hands the job back
             log.warning("job %s was still running at the drain's timeout", entry.claim.job_id)
-            self._settle(entry.delivery, ack=False)
+            self._settle(entry.message, ack=False)
         log.info("step engine drained: %d job(s) handed back, %d unfinished", len(back), len(left))
 
-    def _return(self, claimed: list[tuple[Claim, Delivery]]) -> None:
+    def _return(self, claimed: list[tuple[Claim, Message]]) -> None:
         """Claimed jobs that never ran go back to the front of their lines; messages acked."""
         ctx = self._ctx()
-        for c, delivery in claimed:
+        for c, message in claimed:
             release(ctx, [c])
             try:
                 self.store.change(
                     Change("handback", c.job_id, attempt=c.attempt, worker=ctx.worker)
                 )
-                delivery.ack_now()
+                message.ack_now()
             except RedisError:
-                delivery.requeue_now()  # the lease runs out and the sweep hands the job back
+                message.requeue_now()  # the lease runs out and the sweep hands the job back
 
 
 def _bucket(c: Claim) -> Bucket:
