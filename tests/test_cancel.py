@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -82,6 +83,25 @@ def wide(rclient: redis.Redis) -> JobStore:
     return JobStore(rclient, Ledger(dispatch=DispatchConfig(margin=50)))
 
 
+def watched_runner(
+    rclient: redis.Redis, store: JobStore, engine: Any, tmp_path: Path, exits: list[int]
+) -> Runner:
+    """A runner of one row per call whose canceled calls have 0.5 s of grace; exits recorded."""
+    return Runner(
+        rclient,
+        store,
+        Limits(max_rows=1, max_pixels=10**9, timeout_s=0.0),
+        lambda: BatchContext(store, FileStore(tmp_path, b"k"), engine, "w@test", 30.0, 0.0),
+        name="w@test",
+        model="tiny",
+        queue="dq.jobs.tiny",
+        heartbeat_s=0.1,
+        prefetch=8,
+        supervision=Supervision(cancel_grace_s=0.5),
+        exit=exits.append,
+    )
+
+
 def test_a_job_larger_than_the_pixel_budget_runs_in_calls_within_it(
     rclient: redis.Redis, engine: Engine, tmp_path: Path
 ) -> None:
@@ -108,19 +128,7 @@ def test_a_canceled_call_that_still_steps_is_interrupted_not_abandoned(
     store = wide(rclient)
     slow = SlowSteps(engine)
     exits: list[int] = []
-    runner = Runner(
-        rclient,
-        store,
-        Limits(max_rows=1, max_pixels=10**9, timeout_s=0.0),
-        lambda: BatchContext(store, FileStore(tmp_path, b"k"), slow, "w@test", 30.0, 0.0),
-        name="w@test",
-        model="tiny",
-        queue="dq.jobs.tiny",
-        heartbeat_s=0.1,
-        prefetch=8,
-        supervision=Supervision(cancel_grace_s=0.5),
-        exit=exits.append,
-    )
+    runner = watched_runner(rclient, store, slow, tmp_path, exits)
     job = record(model="tiny", steps=2)
     store.submit(job)
     runner.start()
@@ -143,19 +151,7 @@ def test_a_canceled_call_that_will_not_stop_is_abandoned(
     store = wide(rclient)
     endless = EndlessStep()
     exits: list[int] = []
-    runner = Runner(
-        rclient,
-        store,
-        Limits(max_rows=1, max_pixels=10**9, timeout_s=0.0),
-        lambda: BatchContext(store, FileStore(tmp_path, b"k"), endless, "w@test", 30.0, 0.0),
-        name="w@test",
-        model="tiny",
-        queue="dq.jobs.tiny",
-        heartbeat_s=0.1,
-        prefetch=8,
-        supervision=Supervision(cancel_grace_s=0.5),
-        exit=exits.append,
-    )
+    runner = watched_runner(rclient, store, endless, tmp_path, exits)
     settled: list[str] = []
 
     def delivery(job_id: str) -> Message:
