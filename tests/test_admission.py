@@ -306,7 +306,7 @@ def test_queue_position_and_eta_hold_on_a_steady_queue(
 ) -> None:
     worker_factory(env)
     with client_for(gateway) as alice, client_for(gateway, BOB_KEY) as bob:
-        warm = [alice.post("/v1/jobs", json=TINY).json()["id"] for _ in range(12)]
+        warm = [alice.post("/v1/jobs", json=TINY).json()["id"] for _ in range(24)]
         for job_id in warm:  # the worker measures its throughput on these
             wait_for(alice, job_id, timeout=120)
         ids = {"alice": [], "bob": []}  # type: dict[str, list[str]]

@@ -122,6 +122,7 @@ class Runner:
         self.idle_since: float | None = None
         self.rate = Throughput()
         self.unit_rate = Throughput()
+        self.cycle_end = 0.0  # monotonic end of the last batch's cycle (the throughput's clock)
         self.ctx: BatchContext | None = None
         self.threads: list[threading.Thread] = []
         self.failures: tuple[str, int] = ("", 0)  # the last loop failure and how often in a row
@@ -272,13 +273,24 @@ class Runner:
         capacity = self.limits.capacity(bucket)
         ids = [r.id for r in records]
         self._call(
-            [p.handle for p in batch], ids, lambda: run_models(ctx, records, bucket, capacity)
+            [p.handle for p in batch],
+            ids,
+            lambda: run_models(ctx, records, bucket, capacity),
+            min(p.arrived for p in batch),
         )
 
     def _call(
-        self, messages: list[Message], ids: list[str], run: Callable[[], BatchResult]
+        self,
+        messages: list[Message],
+        ids: list[str],
+        run: Callable[[], BatchResult],
+        arrived: float | None = None,
     ) -> None:
-        """Run a batch's pipeline calls; it is stored on the storing thread while the next runs."""
+        """Run a batch's pipeline calls; it is stored on the storing thread while the next runs.
+
+        The throughput counts the batch's whole cycle, from the last cycle's end (or, if the
+        worker sat idle until its first job came, from the call's start) to when the batch before
+        it is stored: on a steady queue that is what the work ahead of a job takes."""
         self.running, self.current = len(messages), messages
         start = time.monotonic()
         try:
@@ -291,10 +303,13 @@ class Runner:
             raise
         finally:
             self.running, self.current = 0, []
-        seconds = time.monotonic() - start
+        self._wait_stored()  # the batch before this one
+        end = time.monotonic()
+        idle = arrived is None or arrived > self.cycle_end  # nothing waited for this worker
+        seconds = end - (start if idle else self.cycle_end)
+        self.cycle_end = end
         self.rate.add(result.images, seconds)
         self.unit_rate.add(sum(c.record.units for c in result.claims), seconds)
-        self._wait_stored()  # the batch before this one
         # Held by the storing thread from here: the heartbeat never loses sight of these tags.
         self.storing = messages
         self.stored = self.store_thread.submit(self._store, result, messages)
