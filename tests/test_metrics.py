@@ -221,19 +221,23 @@ def mixed_run(
 
     start_processes()
     hooked = {"url": hook_url, "events": ["job.succeeded", "job.failed"]}
-    waves = [
-        [(alice, submit(alice, webhook=hooked, num_images=n)) for n in (1, 2, 1)],
-        [
+    # Two waves, the second submitted once the first has ended: with the orphan, at most
+    # DQ_TENANT_MAX_QUEUED of alice's wait at a time.
+    waves: list[Callable[[], list[tuple[httpx.Client, str]]]] = [
+        lambda: [(alice, submit(alice, webhook=hooked, num_images=n)) for n in (1, 2, 1)],
+        lambda: [
             (alice, submit(alice, webhook=hooked, num_images=3)),
             (alice, submit(alice, task="img2img", image=NOT_AN_IMAGE, webhook=hooked)),
             *[(bob, submit(bob)) for _ in range(2)],
         ],
     ]
-    for wave in waves:  # at most DQ_TENANT_MAX_QUEUED of alice's at a time
-        for client, job_id in wave:
+    submitted = []
+    for wave in waves:
+        submitted.append(wave())
+        for client, job_id in submitted[-1]:
             wait_for(client, job_id, timeout=120)
     wait_for(alice, orphan, timeout=120)
-    jobs = [*bobs, orphan, poison, *(job_id for wave in waves for _, job_id in wave)]
+    jobs = [*bobs, orphan, poison, *(job_id for wave in submitted for _, job_id in wave)]
     return Run(jobs, canceled=len(bobs), rejected=1, reaped={"requeued": 2.0, "failed": 1.0})
 
 
