@@ -1,12 +1,19 @@
 """`dq bench --tenants`: a light tenant beside a heavy one, under FIFO and under fair dispatch.
 
 One run, one machine. For each dispatch rule (`DQ_DISPATCH=fifo`, the order of arrival, then
-`fair`) a fresh stack (gateway, one worker, tiny model) is started and measured:
+`fair`), on the batch engine, and for `fair` on the step engine (`DQ_ENGINE=step`), a fresh stack
+(gateway, one worker, tiny model) is started and measured:
 
 1. saturation: closed-loop users of the heavy tenant, the jobs per second the stack finishes;
 2. idle: the light tenant alone at 5 % of saturation (Poisson): its end-to-end p50/p95;
 3. flood: the heavy tenant at 2 x saturation and the light one at 5 % at once: the light
-   tenant's p50/p95, and the batch fill (rows per pipeline call over the max batch size).
+   tenant's p50/p95, and the batch fill (rows per pipeline call over the max batch size; the
+   step engine has no calls of a batch, so none there).
+
+Why the step engine: on the batch engine a light job that arrives under a flood waits for the
+batch under way and then runs in a full batch, so its p95 is about two full batches whatever the
+dispatch order; where a batch of N rows costs N rows (a CPU), that is 2N times a lone job's call.
+On the step engine it joins the loop at the next step.
 
 It also reports what dispatch costs the ledger per job: the Redis time of the ledger's scripts
 and the round trips of a submit. The goal: under the flood, fair dispatch keeps the light
@@ -36,6 +43,7 @@ from core.embedded import EmbeddedRedis
 
 log = logging.getLogger(__name__)
 
+PHASES = (("fifo", "batch"), ("fair", "batch"), ("fair", "step"))  # (DQ_DISPATCH, DQ_ENGINE)
 HEAVY_KEY = "bench-heavy-tenant-key-0123456789"
 LIGHT_KEY = "bench-light-tenant-key-0123456789"
 
@@ -45,13 +53,14 @@ class Phase:
     """What one dispatch rule gave."""
 
     rule: str
+    engine: str
     saturation_jobs_per_s: float
     idle_p50_s: float
     idle_p95_s: float
     flood_p50_s: float
     flood_p95_s: float
     flood_light_jobs: int
-    batch_fill: float
+    batch_fill: float | None
     script_us_per_job: float  # Redis time of the ledger's scripts over a job's life (submit, ...)
     commands_per_job: float  # Redis commands per job, the clients' reads included
     heavy_backlog_at_end: int
@@ -109,18 +118,21 @@ def ledger_cost(redis: Redis, jobs: int) -> tuple[float, float]:
     return scripts / max(1, jobs), calls / max(1, jobs)
 
 
-def phase(bench: TenantBench, rule: str, redis: EmbeddedRedis, db: int, logs: Path) -> Phase:
-    """Measure one dispatch rule on a fresh stack."""
+def phase(
+    bench: TenantBench, rule: str, engine: str, redis: EmbeddedRedis, db: int, logs: Path
+) -> Phase:
+    """Measure one dispatch rule on one engine, on a fresh stack."""
     plan = make_plan("quick", bench.out, bench.cache_dir)
     env = base_env(plan, bench.out / rule)
     env.update(
         {
             "DQ_API_KEYS": f"heavy:{HEAVY_KEY},light:{LIGHT_KEY}",
             "DQ_DISPATCH": rule,
+            "DQ_ENGINE": engine,
             "DQ_TENANT_MAX_QUEUED": "0",
         }
     )
-    stack = Stack(rule, redis, db, env).start(1, logs)
+    stack = Stack(f"{rule}-{engine}", redis, db, env).start(1, logs)
     try:
         stack.wait_ready()
         sat = asyncio.run(
@@ -162,13 +174,16 @@ def phase(bench: TenantBench, rule: str, redis: EmbeddedRedis, db: int, logs: Pa
         idle_e2e, flood_e2e = e2e(idle.samples), e2e(light.samples)
         return Phase(
             rule=rule,
+            engine=engine,
             saturation_jobs_per_s=round(saturation, 3),
             idle_p50_s=round(pct(idle_e2e, 0.5), 3),
             idle_p95_s=round(pct(idle_e2e, 0.95), 3),
             flood_p50_s=round(pct(flood_e2e, 0.5), 3),
             flood_p95_s=round(pct(flood_e2e, 0.95), 3),
             flood_light_jobs=len(flood_e2e),
-            batch_fill=round(batch_fill([heavy, light], plan.batch), 3),
+            batch_fill=(
+                round(batch_fill([heavy, light], plan.batch), 3) if engine == "batch" else None
+            ),
             script_us_per_job=round(script_us, 1),
             commands_per_job=round(commands, 1),
             heavy_backlog_at_end=backlog,
@@ -178,7 +193,7 @@ def phase(bench: TenantBench, rule: str, redis: EmbeddedRedis, db: int, logs: Pa
 
 
 def run_tenants(bench: TenantBench) -> int:
-    """Both rules, one report."""
+    """FIFO and fair on the batch engine, fair on the step engine: one report."""
     bench.out.mkdir(parents=True, exist_ok=True)
     logs = bench.out / "logs"
     logs.mkdir(exist_ok=True)
@@ -186,11 +201,12 @@ def run_tenants(bench: TenantBench) -> int:
         redis = EmbeddedRedis(Path(folder)).start()
         try:
             phases = [
-                phase(bench, rule, redis, db, logs) for db, rule in enumerate(("fifo", "fair"))
+                phase(bench, rule, engine, redis, db, logs)
+                for db, (rule, engine) in enumerate(PHASES)
             ]
         finally:
             redis.stop()
-    fifo, fair = phases
+    fifo, fair, step = phases
     report = {
         "command": "dq bench --tenants",
         "machine": machine().model_dump(mode="json"),
@@ -198,7 +214,8 @@ def run_tenants(bench: TenantBench) -> int:
         "phases": [asdict(p) for p in phases],
         "fair_p95_over_idle_p95": round(fair.flood_p95_s / fair.idle_p95_s, 2),
         "fifo_p95_over_idle_p95": round(fifo.flood_p95_s / fifo.idle_p95_s, 2),
-        "fair_fill_over_fifo_fill": round(fair.batch_fill / fifo.batch_fill, 3),
+        "fair_step_p95_over_idle_p95": round(step.flood_p95_s / step.idle_p95_s, 2),
+        "fair_fill_over_fifo_fill": round((fair.batch_fill or 0) / (fifo.batch_fill or 1), 3),
         "at": time.time(),
     }
     (bench.out / "tenants.json").write_text(json.dumps(report, indent=2))
