@@ -226,7 +226,9 @@ def test_jobs_join_a_running_loop_cancel_out_of_it_and_survive_a_drain(
     assert first.name in by.values()  # what started before the drain finished there
     handed_back = [j for j in drained if j["metrics"]["worker"] == second.name]
     assert handed_back, "every job finished before the drain"
-    assert all(j["metrics"]["attempts"] == 2 for j in handed_back)  # claimed, then handed back
+    # Claimed into the engine's line, then handed back (2); or still in the worker's buffer,
+    # never claimed, undispatched (1).
+    assert {j["metrics"]["attempts"] for j in handed_back} <= {1, 2}
 
 
 # --- in one process: the fallback for a model the step engine does not know, the loop watch ---

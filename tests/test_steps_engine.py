@@ -253,3 +253,31 @@ def test_the_adaptive_row_budget_starts_small_and_grows_with_measurements(
     sizes = engine.snapshot().by_rows
     assert max(rows for rows in sizes if sizes[rows][0] >= 3) >= 4  # first capped, then measured
     assert max(sizes) > 4  # then probed larger
+
+
+def test_the_line_is_the_seats_the_next_steps_free_and_no_more(
+    tiny: Any, recorder: Recorder, engines: list[StepEngine]
+) -> None:
+    """What the owner may hand in (`wants`): a longer line would hold jobs here, claimed, in
+    arrival order, while the ledger keeps later ones in fair order."""
+    engines_: list[StepEngine] = []
+    seen: dict[int, tuple[int, int]] = {}  # call: (line, wants), read just before it
+
+    def look(n: int) -> None:
+        engine = engines_[0]
+        if n == 1:
+            engine.submit(job("third", steps=2))
+        seen[n] = (engine.line(), engine.wants())
+
+    engine = engine_for(
+        tiny, recorder, engines, max_rows=4, adaptive=False, stopwatch=HookedStopwatch(look)
+    )  # two guided jobs run at once
+    engines_.append(engine)
+    assert (engine.line(), engine.wants()) == (2, 2)  # idle: the open seats
+    engine.submit(job("first", steps=8))
+    engine.submit(job("second", steps=8))
+    recorder.wait_for(lambda: recorder.ended() == {"first", "second", "third"})
+    # Calls 1-6: both seats taken, neither job within two steps of its end: a line of one, the
+    # third job in it. Calls 7-8: both end soon, so two may wait; the third already does.
+    assert [seen[n] for n in range(1, 9)] == [(1, 0)] * 6 + [(2, 1)] * 2
+    assert (engine.line(), engine.wants()) == (2, 2)

@@ -99,11 +99,13 @@ class StepRunner(Runner):
         if self.refused:
             self._run_refused()
             return
+        room = self.engine.wants()  # outside self.cond: the engine's lock is never taken inside
         with self.cond:
-            fresh, self.pending = self.pending, []
+            fresh, self.pending = self.pending[:room], self.pending[room:]
             if not fresh:
                 if not self.inbox:
-                    self.cond.wait(timeout=1.0)
+                    # Woken by a message, or by the engine's progress (a step moved the line).
+                    self.cond.wait(timeout=0.2 if self.pending else 1.0)
                 return
         self._enter(fresh)
 
@@ -216,9 +218,12 @@ class StepRunner(Runner):
     # --- the engine's listener (called on its reporter thread) -------------------------------
 
     def on_progress(self, reports: Sequence[StepReport]) -> None:
-        """Write the jobs' progress with their leases (throttled, best effort)."""
+        """Write the jobs' progress with their leases (throttled, best effort); a step moved
+        the engine's line, so the loop thread looks again at what it may hand in."""
         ctx = self.ctx
         assert ctx is not None
+        with self.cond:
+            self.cond.notify_all()
         now = time.monotonic()
         last = any(r.done >= r.total for r in reports)
         if now - self.progress_at < ctx.progress_interval_s and not last:
@@ -332,6 +337,14 @@ class StepRunner(Runner):
             self.unit_rate.add(units, now - self.made_since)
         if images or idle:
             self.made_since = now
+
+    def ahead(self) -> int:
+        """Jobs to dispatch ahead of this worker: the line it keeps in its engine
+        (`StepEngine.line`). More would wait here, claimed or not, in arrival order."""
+        engine = self.engine
+        if engine is None:
+            return super().ahead()
+        return engine.line()
 
     def _working(self) -> tuple[list[Message], int]:
         """The batch runner's, plus the jobs in the engine and those waiting for batches."""

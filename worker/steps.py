@@ -31,6 +31,10 @@ from worker.tracks import StepJob, Track
 
 log = logging.getLogger(__name__)
 
+# Steps ahead that the owner hands in jobs for: a job handed in is started (its prompt encoded) by
+# the time a seat frees for it, and no sooner than it needs to be.
+LEAD_STEPS = 2
+
 
 @dataclass(frozen=True)
 class LoopSettings:
@@ -97,6 +101,11 @@ class _Shared:
     waiting: dict[str, _Waiting] = field(default_factory=dict)  # started, not running
     canceled: set[str] = field(default_factory=set)
     open: set[str] = field(default_factory=set)  # submitted, not yet reported as ended
+    # The loop thread keeps these, for `wants`: jobs running in the loop, those of them with at
+    # most LEAD_STEPS steps to go, and the rows one call may hold by the last admission's budget.
+    seated: int = 0
+    ending: int = 0
+    cap_rows: int = 0
     draining: bool = False
     closing: bool = False
 
@@ -125,7 +134,7 @@ class StepEngine:
         self.stats = LoopStats()
         self.times = StepTimes()
         self._cond = threading.Condition()
-        self._shared = _Shared()
+        self._shared = _Shared(cap_rows=self.settings.max_rows)
         self._finished: queue.SimpleQueue[Track | None] = queue.SimpleQueue()
         self.reporter = Reporter(listener, self._ended)
         self._threads: list[threading.Thread] = []
@@ -206,6 +215,37 @@ class StepEngine:
         """Jobs taken and not yet reported as ended (waiting, running or decoding)."""
         with self._cond:
             return len(self._shared.open)
+
+    def wants(self) -> int:
+        """How many more jobs the owner should hand in now.
+
+        The line here (handed in, not yet seated) is kept as long as `line()`: the seats the
+        next few boundaries will offer, started (prompts encoded) by the time they do. A job
+        handed in beyond that would only wait here, claimed, in arrival order, while the ledger
+        keeps its queue in fair order: a light tenant's job would queue behind a flood's."""
+        with self._cond:
+            shared = self._shared
+            fresh = sum(1 for w in shared.waiting.values() if not w.ran)
+            queued = len(shared.inbox) + shared.starting + fresh
+            return max(0, self._line() - queued)
+
+    def line(self) -> int:
+        """How many jobs should wait here for a seat: the seats open now (as many two-row,
+        guided jobs as the call budget still holds: few where rows do not pay, as on a CPU),
+        plus the running jobs within LEAD_STEPS steps of their end, and at least one."""
+        with self._cond:
+            return self._line()
+
+    def _line(self) -> int:
+        shared = self._shared
+        open_seats = max(0, shared.cap_rows // 2 - shared.seated)
+        return max(1, open_seats + shared.ending)
+
+    def _note_seats(self) -> None:
+        """What `wants` reads of the loop (the loop thread, under the lock)."""
+        tracks = self.loop.tracks.values()
+        self._shared.seated = len(tracks)
+        self._shared.ending = sum(1 for t in tracks if t.total - t.index <= LEAD_STEPS)
 
     def snapshot(self) -> LoopStats:
         """The loop's figures so far."""
@@ -309,7 +349,10 @@ class StepEngine:
         waiting = {i: w for i, w in shared.waiting.items() if w.ran or not shared.draining}
         running = [self._seat(t, since) for t, since in self._running()]
         seats = [self._seat(w.track, w.arrived) for w in waiting.values()]
-        plan = admit(seats, running, self._budget(seats, running), preempt=self.settings.preempt)
+        budget = self._budget(seats, running)
+        plan = admit(seats, running, budget, preempt=self.settings.preempt)
+        if keys := {seat.key for seat in [*seats, *running]}:
+            shared.cap_rows = max(budget.rows_for(key) for key in keys)
         now = time.monotonic()
         for job_id in plan.park:
             track = self.loop.park(job_id)
@@ -319,6 +362,7 @@ class StepEngine:
             self._arrived[job_id] = item.arrived
             self._admitted[job_id] = now
             self.loop.join(item.track)
+        self._note_seats()
 
     def _running(self) -> list[tuple[Track, float]]:
         """Running tracks with when they were admitted."""
@@ -356,6 +400,7 @@ class StepEngine:
                 self._admitted.pop(track.job_id, None)
                 self._arrived.pop(track.job_id, None)
             self._count(step, time.perf_counter() - self._woke)
+            self._note_seats()
         for track in step.finished:
             self._finished.put(track)
 
