@@ -60,6 +60,8 @@ class Phase:
     flood_p50_s: float
     flood_p95_s: float
     flood_light_jobs: int
+    flood_wait_p50_s: float  # the light tenant's jobs: submitted to claimed (the ledger's clock)
+    flood_run_p50_s: float  # claimed to finished
     batch_fill: float | None
     script_us_per_job: float  # Redis time of the ledger's scripts over a job's life (submit, ...)
     commands_per_job: float  # Redis commands per job, the clients' reads included
@@ -106,6 +108,18 @@ def batch_fill(results: list[LoadResult], max_batch: int) -> float:
         if s.server and s.server.batch_id and s.server.batch_size
     }
     return statistics.fmean(sizes.values()) / max_batch if sizes else float("nan")
+
+
+def stage(samples: list[Sample], which: str) -> list[float]:
+    """Sorted seconds of the succeeded jobs' "wait" (created to claimed) or "run" (claimed to
+    finished), from their records."""
+    times = [s.server for s in samples if s.status == "succeeded" and s.server]
+    spans = [
+        (t.started - t.created) if which == "wait" else (t.finished - t.started)
+        for t in times
+        if t.started and t.finished
+    ]
+    return sorted(spans)
 
 
 def ledger_cost(redis: Redis, jobs: int) -> tuple[float, float]:
@@ -181,6 +195,8 @@ def phase(
             flood_p50_s=round(pct(flood_e2e, 0.5), 3),
             flood_p95_s=round(pct(flood_e2e, 0.95), 3),
             flood_light_jobs=len(flood_e2e),
+            flood_wait_p50_s=round(pct(stage(light.samples, "wait"), 0.5), 3),
+            flood_run_p50_s=round(pct(stage(light.samples, "run"), 0.5), 3),
             batch_fill=(
                 round(batch_fill([heavy, light], plan.batch), 3) if engine == "batch" else None
             ),
