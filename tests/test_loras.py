@@ -1,10 +1,14 @@
-"""LoRAs in the engine: real tiny models and tiny random LoRAs, through diffusers' adapter API."""
+"""LoRAs in the engine: real tiny models and tiny random LoRAs, through diffusers' adapter API;
+and `StepAdapters`, which shares them between the step engine's threads."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -15,7 +19,7 @@ from core.catalog import Catalog
 from core.jobs import Bucket
 from core.settings import Settings
 from worker.inference import Engine, Row, load_engine
-from worker.loras import AdapterError
+from worker.loras import AdapterError, Adapters, StepAdapters
 from worker.models import build_tiny_lora, load_pipeline
 
 ROWS = [Row("job_a", 0, "a red boat", None, 11), Row("job_b", 0, "a green hill", "fog", 12)]
@@ -220,3 +224,112 @@ def test_the_adapters_bench_runs_and_writes_its_figures(tmp_path: Path, model_ca
     ]
     assert figures["tasks"]["batch_2"]["txt2img_vs_txt2img"] == 1.0
     assert all(v > 0 for v in figures["tasks"]["batch_2"].values())
+
+
+# --- StepAdapters: the step engine's intake and loop threads sharing one pipeline's LoRAs ---
+
+
+class Recorded:
+    """`Adapters` as `StepAdapters` uses them: the sets made active, in order."""
+
+    def __init__(self, fails: str = "") -> None:
+        self.active: tuple[tuple[str, float], ...] | None = ()
+        self.used: list[tuple[tuple[str, float], ...]] = []
+        self.fails = fails
+
+    def use(self, loras: Sequence[tuple[str, float]]) -> None:
+        """Switch, or fail half way for a set naming `fails`."""
+        self.active = None
+        if any(name == self.fails for name, _ in loras):
+            raise AdapterError(f"LoRA {self.fails!r} could not be loaded: broken")
+        self.active = tuple(loras)
+        self.used.append(self.active)
+
+
+INK = (("ink", 1.0),)
+NEON = (("neon", 1.0),)
+
+
+class Holder:
+    """A thread that holds a set until told to let go."""
+
+    def __init__(self, shared: StepAdapters, loras: tuple[tuple[str, float], ...]) -> None:
+        self.inside, self.go = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(shared, loras), daemon=True)
+        self.thread.start()
+
+    def _run(self, shared: StepAdapters, loras: tuple[tuple[str, float], ...]) -> None:
+        with shared.hold(loras, "unet"):
+            self.inside.set()
+            self.go.wait(10)
+
+    def leave(self) -> None:
+        """Let go and wait until it has."""
+        self.go.set()
+        self.thread.join(10)
+
+
+def waiting(shared: StepAdapters, count: int) -> None:
+    """Wait until `count` threads wait for their turn."""
+    deadline = time.monotonic() + 10
+    while len(shared._line) != count:
+        assert time.monotonic() < deadline, "the threads never queued"
+        time.sleep(0.001)
+
+
+def test_step_adapters_switch_only_while_no_thread_holds_a_set_first_come_first_served() -> None:
+    adapters = Recorded()
+    shared = StepAdapters(cast(Adapters, adapters))
+    loop = Holder(shared, INK)
+    assert loop.inside.wait(10)
+    same = Holder(shared, INK)  # the active set: holds beside it
+    assert same.inside.wait(10)
+    intake = Holder(shared, NEON)  # another set: waits for both to let go
+    waiting(shared, 1)
+    again = Holder(shared, INK)  # the active set, but behind the thread waiting for another
+    waiting(shared, 2)
+    loop.leave()
+    assert (adapters.active, intake.inside.is_set()) == (INK, False)  # one holder is left
+    same.leave()
+    assert intake.inside.wait(10)
+    assert (adapters.active, again.inside.is_set()) == (NEON, False)
+    intake.leave()
+    assert again.inside.wait(10)
+    again.leave()
+    assert adapters.used == [INK, NEON, INK]
+    assert (shared.switches, shared._holders, list(shared._line)) == (3, 0, [])
+
+
+def test_a_set_that_cannot_be_made_active_raises_from_hold_and_the_next_set_is_switched() -> None:
+    adapters = Recorded(fails="bad")
+    shared = StepAdapters(cast(Adapters, adapters))
+    with shared.hold(INK, "text"):
+        pass
+
+    with (
+        pytest.raises(AdapterError, match="LoRA 'bad' could not be loaded"),
+        shared.hold((("bad", 1.0),), "unet"),
+    ):
+        raise AssertionError("held a set that was never made active")
+
+    with shared.hold(INK, "unet"):  # the failed switch left the adapters unknown: set again
+        assert adapters.active == INK
+    assert adapters.used == [INK, INK]
+    assert (shared._holders, list(shared._line)) == (0, [])
+
+
+def test_step_adapters_load_loras_the_batch_engine_can_use_after_them(
+    model_cache: Path, lora_dir: Path
+) -> None:
+    engine = tiny_engine(model_cache, lora_dir)
+    inked = run(engine, bucket(("ink", 1.0)))
+    fresh = tiny_engine(model_cache, lora_dir)
+    assert fresh.adapters is not None
+    shared = StepAdapters(fresh.adapters)
+
+    with torch.inference_mode(), shared.hold(INK, "unet"):  # as on the step loop's thread
+        pass
+
+    # Loaded as inference tensors, the batch engine could not load another LoRA beside ink.
+    run(fresh, bucket(("neon", 1.0)))
+    assert distance(run(fresh, bucket(("ink", 1.0))), inked) == 0.0

@@ -1,9 +1,10 @@
 """`DQ_ENGINE=step` end to end: a real Redis, gateway and worker processes, the tiny model.
 
 A step worker's images equal a batch worker's for the same requests (steps, guidance, schedulers,
-sizes, img2img and inpainting mixed in one loop); a bad input fails alone; a job submitted while
-a long one runs joins the loop and finishes first; progress is written step by step; a cancel
-takes a running job out with nothing uploaded; a drain (SIGTERM) loses no job.
+sizes, img2img, inpainting and a LoRA set mixed in one loop); a bad input fails alone; a job
+submitted while a long one runs joins the loop and finishes first; progress is written step by
+step; a cancel takes a running job out with nothing uploaded; a drain (SIGTERM) loses no job.
+(LoRA jobs in the loop: tests/test_step_loras.py.)
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ MIXED: list[Job] = [
         "mask": data_uri(right_half()),
         "seed": 19,
     },
-    # The step engine takes no LoRAs in a worker yet: this one runs in batches, in the same worker.
+    # A LoRA set: its own loop key, in the same loop.
     {"steps": 4, "loras": [{"name": "ink", "scale": 1.0}], "seed": 20},
 ]
-# After the LoRA job's batch: the step engine's pipeline has its adapters off again.
+# After the LoRA job: the base weights again.
 AFTER: Job = {"steps": 6, "guidance_scale": 7.5, "seed": 24}
 UNDECODABLE = "data:image/png;base64," + base64.b64encode(b"<html>not a picture</html>").decode()
 
@@ -131,8 +132,7 @@ def test_a_step_workers_images_equal_a_batch_workers(
     assert (failed["status"], failed["error"]["code"]) == ("failed", "input_not_image")
     assert [j["status"] for j in stepped] == ["succeeded"] * (len(MIXED) + 1)
     assert [j["status"] for j in batched] == ["succeeded"] * (len(MIXED) + 1)
-    ran_in_steps = [j["metrics"]["batch_id"].startswith("step-") for j in stepped]
-    assert ran_in_steps == [True] * (len(MIXED) - 1) + [False, True]  # the LoRA job: in batches
+    assert all(j["metrics"]["batch_id"].startswith("step-") for j in stepped)
     assert not any(j["metrics"]["batch_id"].startswith("step-") for j in batched)
     assert rates[0] > 0
     for step_job, batch_job in zip(stepped, batched, strict=True):

@@ -8,6 +8,7 @@ compared with the same request run alone through the pipeline's `__call__` with 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -185,11 +186,17 @@ def test_guidance_rescale_as_the_pipeline_applies_it(tiny: Any) -> None:
 
 
 class PeftAdapters:
-    """diffusers' adapter API on the UNet: the LoRA set of each call made active."""
+    """diffusers' adapter API on the UNet: the LoRA set of each call made active (one thread)."""
 
     def __init__(self, unet: Any) -> None:
         self.unet = unet
         self.calls: list[tuple[LoraSet, str]] = []
+
+    @contextmanager
+    def hold(self, loras: LoraSet, part: str) -> Iterator[None]:
+        """The set active for the block."""
+        self.activate(loras, part)
+        yield
 
     def activate(self, loras: LoraSet, part: str) -> None:
         """Switch the UNet's adapters (the tiny model's text encoder has none)."""

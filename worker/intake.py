@@ -1,17 +1,20 @@
 """The intake: submitted jobs become tracks, off the loop's thread.
 
 Prompts are encoded in one batch for all the jobs that arrived together (per LoRA set, since an
-adapter may change the text encoders), each distinct text once; then each job gets its own
-scheduler, generators and first latents. A job whose encoding or start raises fails alone.
+adapter may change the text encoders; the set is held on them while they encode), each distinct
+text once; then each job gets its own scheduler, generators and first latents. A job whose
+encoding or start raises fails alone; a LoRA set that cannot be made active (a file that does not
+load) fails its own jobs, and the other sets' jobs go on.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 from worker.families import Conditioning, Encoded, Family
-from worker.loop import Adapters
+from worker.loop import Adapters, held
 from worker.tracks import LoraSet, Starter, StepJob, Track
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,16 @@ class Intake:
         return started
 
     def _start_group(self, loras: LoraSet, jobs: Sequence[StepJob]) -> Started:
-        """Tracks for jobs of one LoRA set."""
-        if self.adapters is not None:
-            self.adapters.activate(loras, "text")
+        """Tracks for jobs of one LoRA set (all failed if the set cannot be made active)."""
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(held(self.adapters, loras, "text"))
+            except Exception as e:
+                log.warning("LoRA set %s failed %d job(s): %s", loras, len(jobs), e)
+                return {job.job_id: e for job in jobs}
+            conditionings = self._conditionings(jobs)
         started: Started = {}
-        for job, cond in zip(jobs, self._conditionings(jobs), strict=True):
+        for job, cond in zip(jobs, conditionings, strict=True):
             if isinstance(cond, Exception):
                 started[job.job_id] = cond
                 continue

@@ -2,14 +2,16 @@
 
 Synchronous and owned by one thread (the step engine's loop thread, or a test). Each `step()`
 advances the tracks of one loop key (keys take turns) with a single denoiser call over all their
-rows, each row at its own timestep; guidance and the scheduler step are then per job. When the
-shared call raises, each job's rows run again alone, so one bad job fails alone.
+rows, each row at its own timestep, the key's LoRA set held on the UNet through the call; guidance
+and the scheduler step are then per job. When the shared call raises, each job's rows run again
+alone, so one bad job fails alone.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,10 +27,25 @@ Outcome = torch.Tensor | Exception
 
 
 class Adapters(Protocol):
-    """Switches LoRA adapters (worker.inference's LoRA support, or anything shaped like it)."""
+    """LoRA adapters as the step engine's threads use them (worker.loras.StepAdapters in a worker).
 
-    def activate(self, loras: LoraSet, part: str) -> None:
-        """Make `loras` the active adapters of `part`: "unet", or "text" (the text encoders)."""
+    The intake (text encoders) and the loop (UNet) hold a set on their own threads at the same
+    time, so an implementation must keep one thread's switch from changing the weights another is
+    calling with.
+    """
+
+    def hold(self, loras: LoraSet, part: str) -> AbstractContextManager[object]:
+        """`loras` active on `part` ("unet", or "text": the text encoders) for the block, and
+        kept so until it ends; raises on entry when the set cannot be made active."""
+
+
+def held(adapters: Adapters | None, loras: LoraSet, part: str) -> AbstractContextManager[object]:
+    """`adapters.hold(loras, part)`; without adapters only the empty set (the base weights)."""
+    if adapters is not None:
+        return adapters.hold(loras, part)
+    if loras:
+        raise RuntimeError("a LoRA set reached the step engine without adapters to apply it")
+    return nullcontext()
 
 
 class Stopwatch(Protocol):
@@ -137,7 +154,6 @@ class Loop:
         self.tracks: dict[str, Track] = {}
         self.parked: dict[str, Track] = {}
         self._turn = 0
-        self._loras: LoraSet | None = None  # the UNet's active adapters, once set
         self._conds: dict[LoopKey, tuple[tuple[Track, ...], Conditioning]] = {}  # last, by key
 
     def join(self, track: Track) -> None:
@@ -169,19 +185,21 @@ class Loop:
         self._turn += 1
         group = [t for t in self.tracks.values() if t.key == key]
         result = Step(key=key, rows=sum(t.rows for t in group))
-        try:
-            self._use(key.loras)
-        except Exception as e:  # the adapters would not switch: this key's jobs cannot run
-            log.exception("switching to LoRA set %s raised", key.loras)
-            result.failed = [(t, e) for t in group]
-            group = []
-        ready = []
-        for track in group:
-            try:
-                ready.append((track, track.model_input()))
-            except Exception as e:
-                result.failed.append((track, e))
-        for (track, _), outcome in zip(ready, self._denoise(ready, key), strict=True):
+        with ExitStack() as stack:
+            try:  # the key's LoRA set stays on the UNet until its call is issued
+                stack.enter_context(held(self.adapters, key.loras, "unet"))
+            except Exception as e:  # the adapters would not switch: this key's jobs cannot run
+                log.exception("switching to LoRA set %s raised", key.loras)
+                result.failed = [(t, e) for t in group]
+                group = []
+            ready = []
+            for track in group:
+                try:
+                    ready.append((track, track.model_input()))
+                except Exception as e:
+                    result.failed.append((track, e))
+            outcomes = self._denoise(ready, key)
+        for (track, _), outcome in zip(ready, outcomes, strict=True):
             self._advance(track, outcome, result)
         for track in [*result.finished, *(t for t, _ in result.failed)]:
             self.tracks.pop(track.job_id, None)
@@ -199,16 +217,6 @@ class Loop:
         result.advanced.append(track)
         if track.done:
             result.finished.append(track)
-
-    def _use(self, loras: LoraSet) -> None:
-        """Switch the UNet's adapters to `loras` when the last call had others."""
-        if loras == self._loras:
-            return
-        if self.adapters is not None:
-            self.adapters.activate(loras, "unet")
-        elif loras:
-            raise RuntimeError("a LoRA set reached the loop without adapters to apply it")
-        self._loras = loras
 
     def _denoise(self, ready: list[tuple[Track, torch.Tensor]], key: LoopKey) -> list[Outcome]:
         """Each track's noise prediction from one call; after a failure, from one call each."""

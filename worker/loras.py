@@ -3,18 +3,21 @@
 LoRAs go through diffusers' adapter API (peft), so each one is a set of small extra layers beside
 the base weights, never merged into them: switching sets is a matter of which adapters are active
 and at what weight, and a batch without LoRAs runs with every adapter off, on the base weights as
-they were loaded.
+they were loaded. In the step engine, `StepAdapters` shares them between its threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from core.errors import ServiceError
 from core.loras import LoraCatalog
@@ -103,6 +106,83 @@ class Adapters:
             if name not in keep:
                 self.pipe.delete_adapters(self.loaded.pop(name).adapter)
                 log.info("unloaded LoRA %s", name)
+
+
+class StepAdapters:
+    """A pipeline's `Adapters` as the step engine's threads share them (`worker.loop.Adapters`).
+
+    `Adapters.use` switches the whole pipeline at once: the UNet's adapters and the text encoders',
+    and it loads LoRAs into both and unloads the least recently used. The step engine encodes
+    prompts on its intake thread while its loop thread runs the UNet, each with the LoRA set of
+    its own jobs: were either to switch while the other is between its switch and its call, the
+    other's call would run with the wrong set (and a load or an unload reshapes modules under a
+    running call). So a thread holds a set for the length of its call (`hold`), and a switch
+    happens only while no thread holds a set:
+
+    - holders of the active set run side by side: while every job has the same set (the usual
+      case: none), the intake and the loop never wait for each other;
+    - a thread that wants another set waits until the holders of the active one are done, then
+      switches and holds. First come, first served: while one waits, newcomers wait behind it even
+      for the active set, so a loop stepping one set cannot starve the intake of another (nor the
+      other way round): the loop waits at most for an encoding in progress and a switch.
+
+    A hold lasts until the call is issued. On a GPU its kernels may still be running after that,
+    which a switch does not disturb: they were issued with the adapters and scales of their set,
+    and weights unloaded are freed in stream order on the one stream every thread uses.
+
+    Switching on one thread only (the loop's) would instead put the intake's encodings of other
+    sets on the loop thread, which is kept for denoiser calls. Per-part switches (only the UNet's
+    adapters on the loop, only the text encoders' on the intake) would still have to serialize
+    loads and unloads, which change both.
+
+    Switches run outside inference mode whatever the caller's (the loop thread steps inside it):
+    adapter weights loaded as inference tensors could not be loaded beside or switched later
+    outside it, as the batch engine does. A set that cannot be made active (`AdapterError`)
+    raises from `hold` and leaves the adapters for the next switch to set again.
+
+    The batch engine calls `Adapters.use` without this lock; the step runner runs batches only
+    while the step engine is empty, when no thread holds a set.
+    """
+
+    def __init__(self, adapters: Adapters) -> None:
+        self.adapters = adapters
+        self.switches = 0  # sets made active (the empty set too): what holding a set costs
+        self._cond = threading.Condition()
+        self._holders = 0  # threads inside a `hold` of the active set
+        self._line: deque[object] = deque()  # threads waiting to hold, in arrival order
+
+    @contextlib.contextmanager
+    def hold(self, loras: LoraSet, part: str) -> Iterator[None]:
+        """`loras` active on the whole pipeline until the block ends (`part` is not needed: a
+        switch is pipeline-wide)."""
+        self._take(tuple(loras))
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                self._cond.notify_all()
+
+    def _take(self, wanted: tuple[tuple[str, float], ...]) -> None:
+        """Wait for the turn, make `wanted` active if it is not, and count as a holder."""
+        turn = object()
+        with self._cond:
+            self._line.append(turn)
+            try:
+                self._cond.wait_for(
+                    lambda: (
+                        self._line[0] is turn
+                        and (self._holders == 0 or self.adapters.active == wanted)
+                    )
+                )
+                if self.adapters.active != wanted:  # no one holds a set: nothing runs with it
+                    self.switches += 1
+                    with torch.inference_mode(False):
+                        self.adapters.use(wanted)
+                self._holders += 1
+            finally:
+                self._line.remove(turn)
+                self._cond.notify_all()
 
 
 def _first_line(error: Exception) -> str:

@@ -8,9 +8,12 @@ joins at the next step boundary. The engine reports on its own thread to this ru
 `Listener`: progress is written (best effort), and each job's end (images stored and the job
 finished, failed alone, or canceled) is recorded on the storing thread before its message is acked.
 
-A job the step engine refuses (a LoRA set, an image task its family does not run) runs in batches
-in the same worker, once the engine has emptied: the two never use the pipeline at once. A model
-the step engine does not know at all (not SD 1.x/2.x or SDXL) is served in batches throughout.
+Jobs with LoRAs run in the engine too, through the worker's own LoRA support (`worker.loras`,
+shared between the engine's threads by `StepAdapters`); a LoRA that cannot be loaded fails its
+job alone. A job the step engine refuses (an image task its family does not run, a job for
+another model or task, LoRAs on an engine without LoRA support) runs in batches in the same
+worker, once the engine has emptied: the two never use the pipeline at once. A model the step
+engine does not know at all (not SD 1.x/2.x or SDXL) is served in batches throughout.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from worker.batcher import Pending
 from worker.claims import BatchContext, CallInfo, Claim, claim, overdue, renew_each
 from worker.families import StepUnsupported
 from worker.inference import paste_back
+from worker.loras import Adapters, StepAdapters
 from worker.reports import StepReport
 from worker.runner import Message, Runner
 from worker.steps import LoopSettings, StepEngine
@@ -80,10 +84,13 @@ class StepRunner(Runner):
         if spec is not None:
             self.strength, self.tasks = spec.defaults.strength, spec.tasks
         pipe = getattr(ctx.engine, "pipe", None)
+        adapters = getattr(ctx.engine, "adapters", None)  # None: the model takes no LoRAs
+        shared = StepAdapters(adapters) if isinstance(adapters, Adapters) else None
         try:
             if pipe is None:
                 raise StepUnsupported(f"{type(ctx.engine).__name__} has no diffusers pipeline")
-            self.engine = StepEngine(pipe, self, model=self.model, settings=self.loop).start()
+            engine = StepEngine(pipe, self, model=self.model, settings=self.loop, adapters=shared)
+            self.engine = engine.start()
         except StepUnsupported as e:
             log.warning("DQ_ENGINE=step: %s; this worker serves in batches", e.message)
             return
@@ -188,23 +195,18 @@ class StepRunner(Runner):
 
     def _run_refused(self) -> None:
         """Run the jobs the engine refused, in batches, once it has emptied (it takes nothing
-        new meanwhile): the pipeline is never used by both at once."""
+        new meanwhile): the pipeline is never used by both at once. LoRAs a batch leaves on
+        need not go off: the engine makes each call's set active itself (`StepAdapters`)."""
         assert self.engine is not None
         if self.engine.open_jobs():
             with self.cond:
                 self.cond.wait(timeout=0.1)  # a job's end wakes it sooner
             return
-        try:
-            while self.refused:  # a bucket at a time; what a failure leaves waits for next time
-                bucket = _bucket(self.refused[0][0])
-                group = [(c, d) for c, d in self.refused if _bucket(c) == bucket]
-                self.refused = [(c, d) for c, d in self.refused if _bucket(c) != bucket]
-                self._run_group(bucket, group)
-        finally:
-            # The step loop runs on the base weights: LoRAs a batch switched on go off again.
-            adapters = getattr(self._ctx().engine, "adapters", None)
-            if adapters is not None:
-                adapters.use(())
+        while self.refused:  # a bucket at a time; what a failure leaves waits for next time
+            bucket = _bucket(self.refused[0][0])
+            group = [(c, d) for c, d in self.refused if _bucket(c) == bucket]
+            self.refused = [(c, d) for c, d in self.refused if _bucket(c) != bucket]
+            self._run_group(bucket, group)
 
     def _run_group(self, bucket: Bucket, group: list[tuple[Claim, Message]]) -> None:
         """One bucket's refused jobs through the pipeline, stored as a batch."""

@@ -124,7 +124,9 @@ class StepEngine:
         stopwatch: Stopwatch | None = None,
         denoiser: Any = None,
     ) -> None:
-        """`denoiser`: what to call in place of `pipe.unet` (a compiled one, say)."""
+        """`adapters`: LoRA support shared by the intake and the loop (in a worker,
+        `worker.loras.StepAdapters`); without it jobs with LoRAs are refused. `denoiser`: what to
+        call in place of `pipe.unet` (a compiled one, say)."""
         self.family = family_of(pipe)
         self.model, self.listener = model, listener
         self.settings = settings or LoopSettings()
