@@ -252,15 +252,17 @@ end
 
 -- How far a waiting job is from running: (jobs ahead, work units ahead). Exact for FIFO; for
 -- fair dispatch an estimate from virtual time: another tenant goes ahead by the work it may
--- do, at its weight, before this job's virtual start.
+-- do, at its weight, before this job's virtual start. The work ahead includes half of what
+-- runs now (what remains of it, on average), though no running job counts in the position.
 local function ahead(r)
   local m, c, t = r.model, r.class, r.tenant
+  local running = num(redis.call('HGET', K.stats, 'runits:' .. m), 0) / 2
   if r.place == 'D' then
     local rank = redis.call('ZRANK', K.dispatched(m), r.id) or 0
-    return rank, rank * r.units
+    return rank, running + rank * r.units
   end
   local jobs = redis.call('ZCARD', K.dispatched(m))
-  local units = num(redis.call('HGET', K.stats, 'dunits:' .. m), 0)
+  local units = running + num(redis.call('HGET', K.stats, 'dunits:' .. m), 0)
   if D.fifo then
     for _, c2 in ipairs(CLASSES) do
       local n = redis.call('ZCOUNT', K.waiting(m, c2), '-inf', '(' .. fmt(r.created))
