@@ -265,6 +265,9 @@ class Ledger:
         yield self.histogram(
             "dq_batch_fill_ratio", "batch_fill", "Rows per pipeline call over the most it takes"
         )
+        yield self.histogram(
+            "dq_step_rows", "step_rows", "Denoiser rows per call of the step engine's loop"
+        )
         yield from scaler_families(snap.pools)
 
     def _live(self, beat: WorkerBeat) -> bool:

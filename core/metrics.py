@@ -12,7 +12,8 @@ dies. The fields of the hash (model names, tenants and codes hold no ':'):
 - `webhook:<outcome>:<attempt>` delivery attempts logged (core/deliveries.py);
 - histograms: `h:<name>:<model>:<le>` observations in the bucket whose upper bound is `le` (not
   cumulative: the reader adds them up), `hs:<name>:<model>` their sum. A job's times are
-  observed by the transition script that ends it, from the record itself; batches by the worker.
+  observed by the transition script that ends it, from the record itself; batches and the step
+  loop's calls by the worker.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ BOUNDS: dict[str, tuple[float, ...]] = {
     "storage": JOB_SECONDS,
     "batch_size": BATCH_ROWS,
     "batch_fill": BATCH_FILL,
+    "step_rows": BATCH_ROWS,
 }
 INF = "+Inf"
 MAX_TENANTS = 50  # tenants with a `served` series of their own; the rest share OTHER_TENANT
@@ -78,10 +80,11 @@ class Pipeline(Protocol):
         """Add to a float field."""
 
 
-def observe(pipe: Pipeline, name: str, model: str, value: float) -> None:
-    """Queue one observation of histogram `name` on `pipe` (the caller executes it)."""
-    pipe.hincrby(keys.METRICS, f"h:{name}:{model}:{bucket(value, BOUNDS[name])}", 1)
-    pipe.hincrbyfloat(keys.METRICS, f"hs:{name}:{model}", value)
+def observe(pipe: Pipeline, name: str, model: str, value: float, times: int = 1) -> None:
+    """Queue `times` observations of `value` in histogram `name` on `pipe` (the caller executes
+    it)."""
+    pipe.hincrby(keys.METRICS, f"h:{name}:{model}:{bucket(value, BOUNDS[name])}", times)
+    pipe.hincrbyfloat(keys.METRICS, f"hs:{name}:{model}", value * times)
 
 
 def attempt_label(attempt: int) -> str:

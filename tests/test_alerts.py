@@ -43,6 +43,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
         ("dq_tenant_units_served_total", "counter", "tenant"),
         ("dq_batch_size", "histogram", "model"),
         ("dq_batch_fill_ratio", "histogram", "model"),
+        ("dq_step_rows", "histogram", "model"),
         ("dq_worker_images_per_second", "gauge", "worker model"),
         ("dq_worker_state", "gauge", "worker model state"),
         ("dq_worker_heartbeat_age_seconds", "gauge", "worker model"),

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.jobs import Bucket, JobStatus
 from core.storage import FileStore
@@ -217,6 +218,7 @@ def test_jobs_join_a_running_loop_cancel_out_of_it_and_survive_a_drain(
         drained = [wait_for(client, j, timeout=120) for j in batch]
     assert long_done["status"] == "succeeded"
     assert short_done["finished_at"] < long_done["finished_at"]
+    check_step_rows(gateway)
     assert len({s for s in steps if 0 < s < 150}) >= 5, sorted(steps)  # step by step
     assert (canceled["status"], canceled["outputs"]) == ("canceled", [])
     assert not list((tmp_path / "images").rglob(f"{victim}/*.png"))
@@ -229,6 +231,27 @@ def test_jobs_join_a_running_loop_cancel_out_of_it_and_survive_a_drain(
     # Claimed into the engine's line, then handed back (2); or still in the worker's buffer,
     # never claimed, undispatched (1).
     assert {j["metrics"]["attempts"] for j in handed_back} <= {1, 2}
+
+
+def check_step_rows(gateway: Gateway) -> None:
+    """`dq_step_rows`: every step of the long job was a call; alone it had two rows (one guided
+    image), with the short one four; never more than the loop's 16."""
+
+    def family() -> dict[str, float]:
+        text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+        found = {}
+        for f in text_string_to_metric_families(text):
+            if f.name == "dq_step_rows":
+                for sample in f.samples:
+                    found[sample.name + sample.labels.get("le", "")] = sample.value
+        return found
+
+    wait_until(lambda: family().get("dq_step_rows_count", 0) >= 150, 10, "the loop's calls")
+    rows = family()
+    assert rows["dq_step_rows_bucket2"] >= 1
+    assert rows["dq_step_rows_bucket4"] > rows["dq_step_rows_bucket2"]
+    assert rows["dq_step_rows_bucket16"] == rows["dq_step_rows_count"]
+    assert 2 <= rows["dq_step_rows_sum"] / rows["dq_step_rows_count"] <= 16
 
 
 # --- in one process: the fallback for a model the step engine does not know, the loop watch ---

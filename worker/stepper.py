@@ -28,6 +28,7 @@ from typing import Any
 from PIL.Image import Image
 from redis.exceptions import RedisError
 
+from core import metrics
 from core.catalog import Defaults
 from core.errors import ValidationFailed
 from core.jobs import Bucket, Progress
@@ -73,6 +74,7 @@ class StepRunner(Runner):
         self.progress_at = 0.0  # monotonic: the last progress written
         self.made: tuple[int, float] = (0, 0.0)  # images and units since the rates were fed
         self.made_since = time.monotonic()
+        self.counted: dict[int, int] = {}  # the loop's calls by row count, in dq_step_rows so far
 
     # --- starting ----------------------------------------------------------------------------
 
@@ -312,6 +314,7 @@ class StepRunner(Runner):
     def beat(self) -> None:
         """The runner's beat (leases, deadlines), the engine's rates, then cancels applied."""
         self._feed_rates()
+        self._count_rows()
         super().beat()
         self._let_go()
 
@@ -339,6 +342,26 @@ class StepRunner(Runner):
             self.unit_rate.add(units, now - self.made_since)
         if images or idle:
             self.made_since = now
+
+    def _count_rows(self) -> None:
+        """The loop's denoiser calls since the last beat, into the `dq_step_rows` histogram."""
+        engine = self.engine
+        if engine is None:
+            return
+        calls = {rows: n for rows, (n, _) in engine.snapshot().by_rows.items()}
+        new = {rows: n - self.counted.get(rows, 0) for rows, n in calls.items()}
+        if not any(n > 0 for n in new.values()):
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for rows, n in new.items():
+            if n > 0:
+                metrics.observe(pipe, "step_rows", self.model, rows, n)
+        try:
+            pipe.execute()
+        except RedisError as e:
+            log.warning("step loop metrics not written (Redis: %s); the next beat adds them", e)
+            return
+        self.counted = calls
 
     def ahead(self) -> int:
         """Jobs to dispatch ahead of this worker: the line it keeps in its engine
