@@ -197,7 +197,7 @@ def test_the_page_from_key_to_image_job_view_cancel_refusal_gallery_and_operator
     shots: Path,
     tmp_path: Path,
 ) -> None:
-    worker_factory(env)
+    worker_factory(env, DQ_CANCEL_GRACE_S="1")  # the canceled long call below ends it soon
     page = Page(wide, gateway.url, shots)
     page.open()
     page.shot("key")
@@ -313,9 +313,9 @@ def test_the_page_from_key_to_image_job_view_cancel_refusal_gallery_and_operator
     # The operator view: tiles, depth over time, models; nothing of the admin part for a user.
     page.go("#/operator")
     page.until(lambda: len(page.all("#chart path")) == 4, 20, "a chart with two samples")
-    burst = {"prompt": "busy", "width": 128, "height": 128, "steps": 20}
+    burst = {"prompt": "busy", "width": 64, "height": 64, "steps": 10}  # seen for a few seconds
     with client_for(gateway) as client:
-        ids = [client.post("/v1/jobs", json=burst).json()["id"] for _ in range(6)]
+        ids = [client.post("/v1/jobs", json=burst).json()["id"] for _ in range(16)]
         page.until(lambda: sum(depth(page)) > 0, 30, "the burst in the tiles")
         for burst_id in ids:
             wait_for(client, burst_id, timeout=180)
