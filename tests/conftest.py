@@ -83,13 +83,12 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture
-def env(redis_url: str, model_cache: Path, tmp_path: Path) -> dict[str, str]:
-    """The DQ_ environment every process of one test shares (tests may edit it)."""
+def stack_env(redis_url: str, model_cache: Path, folder: Path) -> dict[str, str]:
+    """The DQ_ environment of a test stack on `redis_url`, its files under `folder`."""
     return {
         "DQ_REDIS_URL": redis_url,
-        "DQ_DATA_DIR": str(tmp_path / "data"),
-        "DQ_STORAGE_URL": (tmp_path / "images").as_uri(),
+        "DQ_DATA_DIR": str(folder / "data"),
+        "DQ_STORAGE_URL": (folder / "images").as_uri(),
         "DQ_MODEL_CACHE": str(model_cache),
         "DQ_SECRET_KEY": "test-secret-0123456789abcdef",
         "DQ_API_KEYS": TEST_KEYS,
@@ -99,6 +98,12 @@ def env(redis_url: str, model_cache: Path, tmp_path: Path) -> dict[str, str]:
         "DQ_LEASE_S": "10",
         "DQ_LOG_LEVEL": "INFO",
     }
+
+
+@pytest.fixture
+def env(redis_url: str, model_cache: Path, tmp_path: Path) -> dict[str, str]:
+    """The DQ_ environment every process of one test shares (tests may edit it)."""
+    return stack_env(redis_url, model_cache, tmp_path)
 
 
 def settings_from(env: dict[str, str]) -> Settings:

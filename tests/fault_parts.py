@@ -22,13 +22,13 @@ from core.embedded import EmbeddedRedis
 from core.heartbeats import WorkerBeat
 from core.store import JobStore, Ledger
 from tests.conftest import (
-    TEST_KEYS,
     Gateway,
     Scaler,
     WorkerProcess,
     client_for,
     live_workers,
     settings_from,
+    stack_env,
     wait_until,
 )
 
@@ -95,15 +95,7 @@ def stack_of(
     """A stack whose scaler keeps `workers` workers serving, with `knobs` over FAST leases."""
     server = EmbeddedRedis(tmp / "redis", aof=aof).start()
     env = {
-        "DQ_REDIS_URL": server.url,
-        "DQ_DATA_DIR": str(tmp / "data"),
-        "DQ_STORAGE_URL": (tmp / "images").as_uri(),
-        "DQ_MODEL_CACHE": str(model_cache),
-        "DQ_SECRET_KEY": "test-secret-0123456789abcdef",
-        "DQ_API_KEYS": TEST_KEYS,
-        "DQ_CPU_THREADS": "1",
-        "DQ_BATCH_TIMEOUT_S": "0.5",
-        "DQ_LOG_LEVEL": "INFO",
+        **stack_env(server.url, model_cache, tmp),
         **FAST,
         **knobs,
     }

@@ -28,7 +28,7 @@ from core.catalog import Catalog
 from core.embedded import EmbeddedRedis
 from core.jobs import Bucket, JobRequest
 from core.settings import Settings
-from tests.conftest import TEST_KEYS, Gateway, WorkerProcess, client_for, settings_from, wait_for
+from tests.conftest import Gateway, WorkerProcess, client_for, settings_from, stack_env, wait_for
 from tests.test_step_worker import distance, images_of, started
 from worker.inference import Engine, Row, load_engine
 from worker.loras import AdapterError
@@ -99,19 +99,7 @@ def stack(
     tmp = tmp_path_factory.mktemp("step-loras")
     rclient = redis.Redis.from_url(redis_server.url, decode_responses=True)
     rclient.flushall()
-    env = {
-        "DQ_REDIS_URL": redis_server.url,
-        "DQ_DATA_DIR": str(tmp / "data"),
-        "DQ_STORAGE_URL": (tmp / "images").as_uri(),
-        "DQ_MODEL_CACHE": str(model_cache),
-        "DQ_SECRET_KEY": "test-secret-0123456789abcdef",
-        "DQ_API_KEYS": TEST_KEYS,
-        "DQ_CPU_THREADS": "1",
-        "DQ_BATCH_TIMEOUT_S": "0.5",
-        "DQ_HEARTBEAT_S": "1",
-        "DQ_LEASE_S": "10",
-        "DQ_LOG_LEVEL": "INFO",
-    }
+    env = stack_env(redis_server.url, model_cache, tmp)
     gateway_loras, worker_loras = folders
     gateway = Gateway(settings_from({**env, "DQ_LORAS": str(gateway_loras)})).start()
     worker_env = {**env, "DQ_LORAS": str(worker_loras), "DQ_ENGINE": "step"}
