@@ -138,13 +138,14 @@ def submit(
 
 
 def stamped(text: str, pattern: str) -> list[float]:
-    """Epoch times of the log lines that match `pattern`."""
+    """Epoch times of the log lines that match `pattern`, earliest first (the text joins several
+    logs, so its order is not the order in time)."""
     times = []
     for line in text.splitlines():
         match = STAMP.match(line)
         if match and re.search(pattern, line):
             times.append(datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp())
-    return times
+    return sorted(times)
 
 
 def pipeline_runs(*logs: Path) -> Counter[str]:
