@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.jobs import Bucket
-from worker.batcher import Limits, Pending, Pick, by_bucket, pick
+from worker.batcher import Limits, Pending, Pick, by_bucket, fair_order, pick
 
 SMALL = Bucket(64, 64, 10, 7.5)
 WIDE = Bucket(72, 64, 10, 7.5)
@@ -84,6 +84,34 @@ def test_capacity(pixels: int, rows: int, expected: int) -> None:
     assert limits.capacity(Bucket(side, side, 10, 7.5)) == expected
 
 
-def test_groups_keep_arrival_order() -> None:
+def test_groups_keep_the_order_given_and_the_group_with_the_oldest_job_goes_first() -> None:
     groups = by_bucket([job("b", 2.0), job("w", 1.0, WIDE), job("a", 0.0)])
-    assert [[p.job_id for p in g] for g in groups] == [["a", "b"], ["w"]]
+    assert [[p.job_id for p in g] for g in groups] == [["b", "a"], ["w"]]
+
+
+def tenant_job(name: str, arrived: float, tenant: str, priority: int = 1) -> Pending[str]:
+    return Pending(name, SMALL, 1, arrived, name, tenant=tenant, priority=priority)
+
+
+def test_fair_order_takes_the_tenant_holding_least_first_then_arrival() -> None:
+    window = [tenant_job(f"h{i}", i, "heavy") for i in range(4)] + [tenant_job("l0", 9, "light")]
+    assert [p.job_id for p in fair_order(window)] == ["h0", "l0", "h1", "h2", "h3"]
+    # The heavy tenant already runs two jobs here: the light one goes first.
+    assert [p.job_id for p in fair_order(window, {"heavy": 2})][:2] == ["l0", "h0"]
+    # A class comes before any tenant's share; within a tenant, arrival.
+    urgent = [*window, tenant_job("u", 10, "heavy", priority=0)]
+    assert [p.job_id for p in fair_order(urgent, {"light": 5})] == [
+        "u",
+        "h0",
+        "h1",
+        "h2",
+        "h3",
+        "l0",
+    ]
+
+
+def test_a_batch_in_fair_order_holds_the_light_tenants_job() -> None:
+    window = [tenant_job(f"h{i}", i / 10, "heavy") for i in range(8)]
+    window.append(tenant_job("l", 1, "light"))
+    assert "l" not in names(pick(window, LIMITS, now=1.0, more_coming=True))
+    assert "l" in names(pick(fair_order(window), LIMITS, now=1.0, more_coming=True))

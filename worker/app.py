@@ -197,6 +197,7 @@ def build_runner(settings: Settings, name: str, tracing: Tracing | None = None) 
         "heartbeat_s": settings.heartbeat_s,
         "prefetch": prefetch_of(settings),
         "supervision": supervision,
+        "fair": settings.dispatch == "fair",
     }
     if settings.engine == "step":
         from worker.stepper import StepRunner

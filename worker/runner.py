@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.exceptions import RedisError
 
-from core import broker, heartbeats
+from core import broker, heartbeats, keys
 from core.heartbeats import WorkerBeat, WorkerState
 from core.jobs import Bucket, JobStatus
 from core.records import JobRecord, Unreadable
 from core.store import Change, JobStore
 from worker.batch import BatchResult, run_models, store_batch
-from worker.batcher import Limits, Pending, pick
+from worker.batcher import Limits, Pending, fair_order, pick
 from worker.claims import BatchContext, overdue, renew
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,12 @@ class Runner:
         heartbeat_s: float,
         prefetch: int,
         supervision: Supervision | None = None,
+        fair: bool = True,
         exit: Callable[[int], None] = os._exit,
     ) -> None:
+        """`fair`: take the jobs held here in `batcher.fair_order` (fair dispatch), not arrival."""
         self.redis, self.store, self.limits = redis, store, limits
+        self.fair = fair
         self.make_context = make_context
         self.name, self.model, self.queue = name, model, queue
         self.heartbeat_s, self.prefetch = heartbeat_s, prefetch
@@ -253,7 +256,7 @@ class Runner:
     def _step(self) -> None:
         self._hydrate()
         with self.cond:
-            choice = pick(self.pending, self.limits, time.monotonic(), self._more_coming())
+            choice = pick(self._ordered(), self.limits, time.monotonic(), self._more_coming())
             if not choice.batch:
                 timeout = (
                     None if choice.wake_at is None else max(0.0, choice.wake_at - time.monotonic())
@@ -349,6 +352,13 @@ class Runner:
         else:
             (message.ack_soon if ack else message.requeue_soon)()
 
+    def _ordered(self, held: dict[str, int] | None = None) -> list[Pending[Message]]:
+        """The jobs held here in the order to take them (under self.cond): under fair dispatch
+        `fair_order`'s (`held`: jobs running here by tenant), else arrival."""
+        if self.fair:
+            return fair_order(self.pending, held)
+        return sorted(self.pending, key=lambda p: p.arrived)
+
     def _more_coming(self) -> bool:
         """True while the broker holds messages this worker could still receive."""
         if len(self.pending) + len(self.inbox) >= self.prefetch:
@@ -382,7 +392,9 @@ class Runner:
                 continue
             self.records[job_id] = record
             bucket = Bucket.of(record.request, record.model)
-            fresh.append(Pending(job_id, bucket, record.request.num_images, arrived, message))
+            rank = keys.CLASSES.index(record.request.priority)
+            rows = record.request.num_images
+            fresh.append(Pending(job_id, bucket, rows, arrived, message, record.tenant, rank))
         with self.cond:
             self.pending.extend(fresh)
 

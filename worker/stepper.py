@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,7 +111,9 @@ class StepRunner(Runner):
             return
         room = self.engine.wants()  # outside self.cond: the engine's lock is never taken inside
         with self.cond:
-            fresh, self.pending = self.pending[:room], self.pending[room:]
+            held = Counter(s.claim.record.tenant for s in self.stepping.values())
+            order = self._ordered(held)
+            fresh, self.pending = order[:room], order[room:]
             if not fresh:
                 if not self.inbox:
                     # Woken by a message, or by the engine's progress (a step moved the line).
