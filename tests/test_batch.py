@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,25 @@ def test_one_bad_row_fails_alone_and_the_others_run_without_it(
     assert poison.error.code == "pipeline_error"
     assert "this prompt breaks the model" in poison.error.message
     assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["0.png", "0.png"]
+
+
+def test_a_lora_that_cannot_be_put_to_use_fails_its_job_with_lora_failed(
+    rclient: redis.Redis, engine: Engine, tmp_path: Path
+) -> None:
+    store = wide(rclient)
+    ctx = BatchContext(store, FileStore(tmp_path, b"k"), engine, "w", 30.0, 0.0)
+    job_id = queued(store, "inked")
+    records = [r for r in store.get_many([job_id]) if isinstance(r, JobRecord)]
+    with_lora = replace(BUCKET, loras=(("ink", 1.0),))  # this engine has no LoRA folder
+    assert run_batch(ctx, records, with_lora, capacity=4) == 0
+    failed = store.get(job_id)
+    assert failed is not None
+    assert failed.status == JobStatus.FAILED
+    assert failed.error is not None
+    assert (failed.error.code, failed.error.message) == (
+        "lora_failed",
+        "the model could not run this job: this model takes no LoRAs",
+    )
 
 
 def test_a_job_that_left_the_queue_is_not_run(

@@ -202,13 +202,13 @@ def test_a_lora_that_cannot_be_loaded_fails_its_job_alone(
     with pytest.raises(AdapterError) as raised:
         batch_images(batch_engine, bad_job)
     assert str(raised.value).startswith("LoRA 'bad' could not be loaded: ")
-    assert (bad_job["status"], bad_job["error"]["code"]) == ("failed", "pipeline_error")
+    assert (bad_job["status"], bad_job["error"]["code"]) == ("failed", "lora_failed")
     message = bad_job["error"]["message"]
     assert message.startswith("the model could not run this job: LoRA 'bad' could not be loaded: ")
     assert (gone_job["status"], gone_job["error"]) == (
         "failed",
         {
-            "code": "pipeline_error",
+            "code": "lora_failed",
             "message": "the model could not run this job: unknown LoRA 'gone': "
             "this worker's LoRA folder has no such file",
         },

@@ -32,6 +32,7 @@ from worker.claims import (
 )
 from worker.inference import Row
 from worker.inputs import InputRefused, prepare_inputs
+from worker.loras import AdapterError
 from worker.spans import Call, count_calls, job_spans
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,12 @@ class BatchResult:
         return sum(m.call.rows for m in self.calls)
 
 
+def failure_code(error: BaseException) -> str:
+    """The error code of a job the model could not run: `lora_failed` when a LoRA it names could
+    not be put to use, else `pipeline_error`."""
+    return error.code if isinstance(error, AdapterError) else "pipeline_error"
+
+
 def run_claims(
     ctx: BatchContext, claims: Sequence[Claim], bucket: Bucket, capacity: int
 ) -> list[CallOutput]:
@@ -191,7 +198,7 @@ def run_claims(
             log.warning("batch of jobs %s raised (%s); retrying each job alone", _ids(claims), e)
             return [made for c in claims for made in run_claims(ctx, [c], bucket, capacity)]
         log.exception("job %s failed in the pipeline", claims[0].job_id)
-        fail(ctx, claims[0], "pipeline_error", f"the model could not run this job: {e}")
+        fail(ctx, claims[0], failure_code(e), f"the model could not run this job: {e}")
         return []
     run_s = time.monotonic() - start
     log.info("ran batch of jobs %s: %d image(s) in %.2f s", _ids(claims), len(rows), run_s)

@@ -35,7 +35,7 @@ from core.errors import ValidationFailed
 from core.jobs import Bucket, Progress
 from core.store import Change
 from worker.admission import Priority
-from worker.batch import fail, finish, release, run_claimed, with_inputs
+from worker.batch import fail, failure_code, finish, release, run_claimed, with_inputs
 from worker.batcher import Pending
 from worker.claims import BatchContext, CallInfo, Claim, claim, overdue, renew_each
 from worker.families import StepUnsupported
@@ -258,8 +258,8 @@ class StepRunner(Runner):
 
     def on_failed(self, job_id: str, error: Exception) -> None:
         """Fail the job alone (on the storing thread)."""
-        message = f"the model could not run this job: {error}"
-        self._later(job_id, lambda entry: fail(self._ctx(), entry.claim, "pipeline_error", message))
+        code, message = failure_code(error), f"the model could not run this job: {error}"
+        self._later(job_id, lambda entry: fail(self._ctx(), entry.claim, code, message))
 
     def on_canceled(self, job_id: str) -> None:
         """The job left with no images: the ledger already holds why."""
