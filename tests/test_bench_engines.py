@@ -27,6 +27,11 @@ def test_the_mix_is_three_step_counts_two_scales_and_30_percent_at_another_size(
     assert Counter(k.get("width", 64) for k in kinds) == {64: 42, 96: 18}
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b as the summary rounds it; None without both."""
+    return round(a / b, 3) if a is not None and b else None
+
+
 @pytest.mark.slow
 def test_every_engine_runs_every_load_and_the_summary_adds_up(
     tmp_path: Path, model_cache: Path
@@ -43,7 +48,9 @@ def test_every_engine_runs_every_load_and_the_summary_adds_up(
     assert all(p["succeeded"] > 0 for p in points if p["kind"] != "load")
     saturated = [p for p in points if p["kind"] == "saturation"]
     kinds = {steps for p in points for steps in p["p95_ms_by_steps"]}
-    assert len(kinds) >= 2  # the traffic is mixed
+    # Figures by kind for the kinds that ran (the mix itself is checked above, without a run: so
+    # brief a run on a slow machine may finish jobs of one kind only).
+    assert kinds
     assert kinds <= {"4", "8", "16"}
     sat = {p["engine"]: p["images_per_s"] for p in saturated}
     loads = [p for p in points if p["kind"] == "load"]
@@ -51,12 +58,15 @@ def test_every_engine_runs_every_load_and_the_summary_adds_up(
         (f, round(f * sat["batch"], 3)) for f in (0.5, 0.8)
     }
     summary = report["summary"]
-    assert summary["step_vs_batch_saturation"] == round(sat["step"] / sat["batch"], 3)
+    # A figure may be missing where so brief a point ended no call after its warm-up (16-step jobs
+    # on a slow machine): its ratio is then None, never a guess.
+    assert summary["step_vs_batch_saturation"] == ratio(sat["step"], sat["batch"])
     p95 = {p["engine"]: p["e2e_ms"]["p95"] for p in loads if p["fraction"] == 0.8}
-    ratio = round(p95["step"] / p95["batch"], 3) if p95["step"] and p95["batch"] else None
-    assert summary["step_vs_batch_p95_at_80"] == ratio
+    assert summary["step_vs_batch_p95_at_80"] == ratio(p95["step"], p95["batch"])
     lone = {p["engine"]: p["e2e_ms"]["p50"] for p in points if p["kind"] == "lone"}
-    assert summary["lone_step_minus_batch_ms"] == round(lone["step"] - lone["batch"], 1)
+    both = lone["step"] is not None and lone["batch"] is not None
+    gap = round(lone["step"] - lone["batch"], 1) if both else None
+    assert summary["lone_step_minus_batch_ms"] == gap
     assert set(summary["goals"].values()) <= {True, False, None}
     assert report["machine"]["cores"] >= 1
     assert (tmp_path / "engines.png").stat().st_size > 0
