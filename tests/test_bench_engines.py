@@ -17,7 +17,7 @@ from bench.__main__ import main
 from bench.engines import mixed
 from bench.plan import make_plan
 
-BRIEF = ["--engines", "--duration=2", "--warmup=0.5", "--rounds=1", "--load-fractions=0.5,0.8"]
+BRIEF = ["--engines", "--duration=3", "--warmup=0.5", "--rounds=1", "--load-fractions=0.5,0.8"]
 
 
 def test_the_mix_is_three_step_counts_two_scales_and_30_percent_at_another_size() -> None:
